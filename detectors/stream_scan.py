@@ -1,0 +1,77 @@
+"""Incremental pattern scanning over a growing text, shared by regex-style detectors.
+
+A match is reported once it is *settled*: the text after it has arrived (a greedy match that
+ends before the end of the buffer cannot grow), or the channel finished. The buffer keeps only
+the last ``window`` characters plus a little context, so work per ``feed`` is proportional to
+the new text plus the window, never to the whole output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+_CONTEXT = 16
+
+
+class _Pattern(Protocol):
+    def finditer(self, text: str, pos: int = ..., /) -> Iterator[Any]: ...
+
+
+class StreamScanner:
+    """Finds settled, non-overlapping matches of ``pattern`` in a stream of text.
+
+    ``window`` is the longest match that must be found whole; longer matches may be cut.
+    Yields ``(start, end, match)`` with absolute character offsets.
+    """
+
+    __slots__ = ("_base", "_buf", "_done", "_pattern", "_scan_from", "_window")
+
+    def __init__(self, pattern: _Pattern, window: int) -> None:
+        self._pattern = pattern
+        self._window = max(1, window)
+        self._buf = ""
+        self._base = 0  # absolute offset of _buf[0]
+        self._scan_from = 0  # absolute offset: matches starting before it are decided
+        self._done = False
+
+    def feed(self, text: str) -> list[tuple[int, int, Any]]:
+        if self._done or not text:
+            return []
+        self._buf += text
+        return self._scan(final=False)
+
+    def finish(self) -> list[tuple[int, int, Any]]:
+        if self._done:
+            return []
+        out = self._scan(final=True)
+        self._done = True
+        self._buf = ""
+        return out
+
+    def _scan(self, final: bool) -> list[tuple[int, int, Any]]:
+        buf, base = self._buf, self._base
+        n = len(buf)
+        out: list[tuple[int, int, Any]] = []
+        pos = self._scan_from - base
+        pending_at: int | None = None
+        for m in self._pattern.finditer(buf, pos):
+            s, e = m.start(), m.end()
+            if e == s:
+                continue
+            if not final and e >= n:
+                pending_at = s
+                break
+            out.append((base + s, base + e, m))
+            self._scan_from = base + e
+        if pending_at is not None:
+            self._scan_from = max(self._scan_from, base + pending_at)
+            # a pending match longer than the window is cut: scan resumes inside it
+            self._scan_from = max(self._scan_from, base + n - self._window)
+        else:
+            self._scan_from = max(self._scan_from, base + n - self._window + 1)
+        keep_from = max(0, self._scan_from - base - _CONTEXT)
+        if keep_from:
+            self._buf = buf[keep_from:]
+            self._base = base + keep_from
+        return out
