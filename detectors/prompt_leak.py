@@ -1,0 +1,469 @@
+"""``system_prompt_leak``: the output reproduces a substantial part of the request's system or
+developer messages, verbatim or lightly edited.
+
+How: both sides are cut into normalised words and hashed as ``k``-word shingles. The detector
+counts how many *distinct* shingles of the system prompt the output reproduces; when that count
+crosses the threshold it reports the overlapping fraction and the span of the output from the
+start of the leaking region to the shingle that crossed it.
+
+Why shingles rather than an edit distance: a k-word window survives reordering of paragraphs,
+interleaved commentary and edits elsewhere, costs one hash per output word, and needs no text
+of the prompt at run time (only hashes), so the per-response state is a set of integers.
+
+This module also holds the streaming word tokenizer and shingle stream that ``cross_tenant``
+reuses: both sides of every comparison must be tokenised by exactly the same code.
+
+Streaming and enforcement. A shingle-based leak is only *known* once enough of it has been
+seen: the text before the crossing point has normally been released already, whatever the
+hold-back window. ``lookback_chars`` is therefore 0 by default and configurable; with action
+``block`` the stream ends as soon as the threshold is crossed, which bounds the leak to roughly
+the threshold's worth of text. With ``redact`` on a non-streaming response the two findings
+(threshold part and tail) together cover the leaking region.
+
+Findings, at most two per channel, and both depend only on the text, never on chunking:
+- ``stage=threshold``: emitted when the distinct-shingle count first reaches the threshold;
+  span = start of the current leaking region (matches separated by at most ``max_gap_words``)
+  to the end of the crossing shingle; score = overlap fraction at that point.
+- ``stage=final``: emitted at finish only if matching text continued after the crossing;
+  span = from the crossing point to the end of the last matching shingle; score = the final
+  overlap fraction of the whole channel.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from detectors.base import (
+    Channel,
+    ChannelState,
+    Detector,
+    DetectorConfig,
+    Finding,
+    Message,
+    RequestContext,
+    Severity,
+    StreamEnd,
+)
+from detectors.redaction import placeholder
+from detectors.text import normalise, shingle_hash
+
+NAME = "system_prompt_leak"
+
+SeverityName = Literal["low", "medium", "high", "critical"]
+
+# --------------------------------------------------------------------------------------------
+# Word tokens
+#
+# ``detectors.text.word_spans`` splits words at combining marks (Python's ``\w`` excludes them,
+# so Devanagari or decomposed accents fall apart) and at zero-width characters (so
+# ``Y\u200bou are`` dodges a match). The token pattern below keeps marks and format characters
+# inside a word (``normalise`` then drops the format characters), and makes every Han, kana
+# character its own token so that unspaced Chinese/Japanese text still yields shingles.
+
+
+def _mark_class() -> str:
+    """A character class of every combining mark and format character (categories M*, Cf).
+
+    Built from ``unicodedata`` at import (about 20 ms) so it follows Python's Unicode version
+    instead of a hand-copied table. Nothing above U+1FFFF is a mark except the tag and
+    variation-selector block at U+E0000.
+    """
+    cps = [cp for cp in range(0x20000) if unicodedata.category(chr(cp))[0] == "M"
+           or unicodedata.category(chr(cp)) == "Cf"]
+    cps += range(0xE0000, 0xE1000)
+    parts: list[str] = []
+    start = prev = cps[0]
+    for cp in [*cps[1:], -1]:
+        if cp == prev + 1:
+            prev = cp
+            continue
+        parts.append(re.escape(chr(start)) if start == prev
+                     else f"{re.escape(chr(start))}-{re.escape(chr(prev))}")
+        start = prev = cp
+    return "[" + "".join(parts) + "]"
+
+
+_CJK = "\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003ffff"
+_MARK = _mark_class()
+_LETTER = rf"[^\W_{_CJK}]"
+_RUN = rf"{_LETTER}+(?:{_MARK}+{_LETTER}*)*"
+_TOKEN = re.compile(rf"[{_CJK}]{_MARK}*|{_RUN}(?:['\u2019]{_RUN})?")
+_CJK_CHAR = re.compile(f"[{_CJK}]")
+
+MAX_WORD_CHARS = 100
+"""Longer "words" (base64 blobs, hex dumps) are not words: they become a break between
+shingles, and the tokenizer keeps at most this many characters of a pending word."""
+
+Token = tuple[str | None, int, int]
+"""(normalised word, start, end) with absolute offsets; word ``None`` is a break (overlong
+word) across which no shingle is formed."""
+
+
+def _norm(word: str) -> str:
+    # ASCII needs no NFKC, has no format or confusable characters, and casefold == lower.
+    return word.lower() if word.isascii() else normalise(word)
+
+
+class WordStream:
+    """Incremental tokenizer: yields each word once it is *settled* (the character after it has
+    arrived, or the stream finished), so the words never depend on chunk boundaries.
+
+    Memory is bounded: only the pending word (at most ``MAX_WORD_CHARS``, plus a 3-character
+    stand-in for an overlong one) and the new text are kept; work per ``feed`` is proportional to
+    that.
+    """
+
+    __slots__ = ("_base", "_buf", "_done", "_long_start")
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._base = 0  # absolute offset of _buf[0] (may be "virtual" while a stand-in leads)
+        self._long_start: int | None = None  # absolute start of an overlong word in progress
+        self._done = False
+
+    def feed(self, text: str) -> list[Token]:
+        if self._done or not text:
+            return []
+        self._buf += text
+        return self._scan(final=False)
+
+    def finish(self) -> list[Token]:
+        if self._done:
+            return []
+        out = self._scan(final=True)
+        self._done = True
+        self._buf = ""
+        return out
+
+    def _scan(self, final: bool) -> list[Token]:
+        buf, base = self._buf, self._base
+        n = len(buf)
+        out: list[Token] = []
+        for m in _TOKEN.finditer(buf):
+            s, e = m.span()
+            cont = self._long_start is not None and s == 0
+            start = self._long_start if cont and self._long_start is not None else base + s
+            # One character of look-ahead decides a word: after it a letter or mark would have
+            # been eaten, and an apostrophe continues the word only if a letter follows it.
+            if not final and e >= n - 1:
+                if base + e - start > MAX_WORD_CHARS:
+                    # Replace the pending overlong word by a stand-in that continues exactly
+                    # as it would (same pattern state), so memory stays bounded.
+                    word = m.group()
+                    if _CJK_CHAR.match(word):
+                        stub = "\u4e00"
+                    elif "'" in word or "\u2019" in word:
+                        stub = "x'x"
+                    else:
+                        stub = "x"
+                    self._long_start = start
+                    self._buf = stub + buf[e:]
+                    self._base = base + e - len(stub)
+                else:
+                    self._long_start = None
+                    self._buf = buf[s:]
+                    self._base = base + s
+                return out
+            if cont:
+                self._long_start = None
+            end = base + e
+            if end - start > MAX_WORD_CHARS:
+                out.append((None, start, end))
+            else:
+                out.append((_norm(m.group()), start, end))
+        # nothing pending: what is left cannot start a word (a word starts with a letter)
+        self._buf = ""
+        self._base = base + n
+        return out
+
+
+def tokenize(text: str) -> list[Token]:
+    """Tokens of a whole text, exactly as the streaming tokenizer yields them."""
+    stream = WordStream()
+    return stream.feed(text) + stream.finish()
+
+
+Shingle = tuple[int, int, int, int]
+"""(hash, start, end, word index of the last word) of one k-word window."""
+
+
+class ShingleStream:
+    """k-word shingles of a growing text, each hashed once when its last word settles."""
+
+    __slots__ = ("_count", "_k", "_window", "_words")
+
+    def __init__(self, k: int) -> None:
+        self._k = k
+        self._words = WordStream()
+        self._window: deque[tuple[str, int]] = deque(maxlen=k)
+        self._count = 0
+
+    def feed(self, text: str) -> list[Shingle]:
+        return self._shingles(self._words.feed(text))
+
+    def finish(self) -> list[Shingle]:
+        return self._shingles(self._words.finish())
+
+    def _shingles(self, tokens: list[Token]) -> list[Shingle]:
+        out: list[Shingle] = []
+        window, k = self._window, self._k
+        for word, start, end in tokens:
+            self._count += 1
+            if word is None:
+                window.clear()
+                continue
+            window.append((word, start))
+            if len(window) == k:
+                out.append((shingle_hash([w for w, _ in window]), window[0][1], end, self._count))
+        return out
+
+
+def text_shingles(text: str, k: int) -> list[Shingle]:
+    """Shingles of a whole text (no shingle when it has fewer than ``k`` words)."""
+    stream = ShingleStream(k)
+    return stream.feed(text) + stream.finish()
+
+
+@lru_cache(maxsize=256)
+def shingle_set(text: str, k: int) -> frozenset[int]:
+    """Distinct shingle hashes of ``text``. Cached: the same system prompts and documents come
+    with request after request, and hashing a long prompt costs milliseconds."""
+    return frozenset(h for h, _, _, _ in text_shingles(text, k))
+
+
+# Phrases found in countless system prompts (framework defaults, tutorials). An output that
+# repeats them says nothing about *this* prompt, so their shingles are not counted.
+BOILERPLATE_PHRASES: tuple[str, ...] = (
+    "You are a helpful assistant.",
+    "You are a helpful, respectful and honest assistant.",
+    "You are a helpful AI assistant.",
+    "You are ChatGPT, a large language model trained by OpenAI.",
+    "Always answer as helpfully as possible, while being safe.",
+    "Use the following pieces of context to answer the question at the end.",
+    "Use the following pieces of retrieved context to answer the question.",
+    "Answer the question based only on the following context.",
+    "If you don't know the answer, just say that you don't know, don't try to make up an answer.",
+    "If you don't know the answer, say that you don't know.",
+    "Use three sentences maximum and keep the answer concise.",
+    "Let's think step by step.",
+    "If a question does not make any sense, or is not factually coherent, explain why instead "
+    "of answering something not correct.",
+    "If you don't know the answer to a question, please don't share false information.",
+    "Please ensure that your responses are socially unbiased and positive in nature.",
+    "Do not make up an answer.",
+    "Answer in the same language as the question.",
+    "Please let me know if you have any other questions.",
+    "I'm sorry, but I can't help with that.",
+)
+
+
+@lru_cache(maxsize=8)
+def boilerplate_shingles(k: int) -> frozenset[int]:
+    """Shingle hashes of ``BOILERPLATE_PHRASES`` for window size ``k``."""
+    return frozenset().union(*(shingle_set(p, k) for p in BOILERPLATE_PHRASES))
+
+
+# --------------------------------------------------------------------------------------------
+# Overlap bookkeeping shared with cross_tenant
+
+MAX_TRACKED_SHINGLES = 65536
+"""Distinct matched shingles remembered per source; beyond it counts stop growing (bounded
+memory per response even for multi-megabyte outputs)."""
+
+
+class OverlapTracker:
+    """Distinct matched shingles of one source and the output region they cover.
+
+    ``start`` is the start of the current leaking region: matches whose word positions are
+    more than ``max_gap_words`` apart start a new region, so a stray common phrase early in a
+    long answer does not stretch the span over everything in between.
+    """
+
+    __slots__ = ("fired_end", "last_end", "last_word", "matched", "start", "tail_start")
+
+    def __init__(self) -> None:
+        self.matched: set[int] = set()
+        self.start = 0
+        self.last_word = -(10**12)
+        self.last_end = 0
+        self.fired_end: int | None = None
+        self.tail_start: int | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.matched)
+
+    def hit(self, shingle: Shingle, max_gap_words: int) -> None:
+        h, start, end, word = shingle
+        if word - self.last_word > max_gap_words:
+            self.start = start
+        self.last_word = word
+        self.last_end = end
+        if self.fired_end is not None and self.tail_start is None and end > self.fired_end:
+            self.tail_start = max(start, self.fired_end)
+        if len(self.matched) < MAX_TRACKED_SHINGLES:
+            self.matched.add(h)
+
+    def fire(self) -> tuple[int, int]:
+        """Mark the threshold as crossed; returns the threshold span."""
+        self.fired_end = self.last_end
+        return (self.start, self.last_end)
+
+    def tail(self) -> tuple[int, int] | None:
+        """Span of matching text after the crossing point, if any."""
+        if self.fired_end is None or self.tail_start is None or self.last_end <= self.fired_end:
+            return None
+        return (self.tail_start, self.last_end)
+
+
+# --------------------------------------------------------------------------------------------
+# The detector
+
+
+class PromptLeakConfig(DetectorConfig):
+    """Settings of ``system_prompt_leak``.
+
+    The threshold is ``max(min_shingles, ceil(min_overlap_fraction * prompt shingles))``,
+    capped at ``max(min_shingles, sufficient_shingles)`` so that a long verbatim passage of a very
+    long prompt still counts. Prompts with fewer than ``min_shingles`` countable shingles are not
+    checked (a one-line "You are a helpful assistant." has nothing to leak).
+    """
+
+    detector_class: ClassVar[type[Detector]]
+
+    roles: tuple[str, ...] = ("system", "developer")
+    shingle_words: int = Field(5, ge=2, le=16)
+    min_overlap_fraction: float = Field(0.3, gt=0.0, le=1.0)
+    min_shingles: int = Field(8, ge=1)
+    sufficient_shingles: int | None = Field(40, ge=1)
+    max_gap_words: int = Field(40, ge=0)
+    ignore_roles: tuple[str, ...] = ("user",)
+    """Shingles that also occur in messages of these roles are not counted: repeating what the
+    user wrote is not a leak."""
+    ignore_builtin_boilerplate: bool = True
+    ignore_phrases: tuple[str, ...] = ()
+    severity: SeverityName = "high"
+    lookback_chars: int = Field(0, ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    prompt: frozenset[int]
+    threshold: int
+
+
+class PromptLeakDetector(Detector):
+    name = NAME
+
+    def __init__(self, config: DetectorConfig) -> None:
+        assert isinstance(config, PromptLeakConfig)
+        super().__init__(config)
+        self.cfg = config
+        k = config.shingle_words
+        ignore: set[int] = set()
+        if config.ignore_builtin_boilerplate:
+            ignore |= boilerplate_shingles(k)
+        for phrase in config.ignore_phrases:
+            ignore |= shingle_set(phrase, k)
+        self._ignore = frozenset(ignore)
+        self._severity = Severity[config.severity]
+
+    @property
+    def lookback_chars(self) -> int:
+        return self.cfg.lookback_chars
+
+    def prompt_shingles(self, messages: Sequence[Message]) -> frozenset[int]:
+        """Countable shingles of the system/developer messages of ``messages``."""
+        cfg, k = self.cfg, self.cfg.shingle_words
+        prompt: set[int] = set()
+        known: set[int] = set()
+        for m in messages:
+            if m.role in cfg.roles:
+                prompt |= shingle_set(m.text, k)
+            elif m.role in cfg.ignore_roles:
+                known |= shingle_set(m.text, k)
+        return frozenset(prompt - known - self._ignore)
+
+    def prepare(self, ctx: RequestContext) -> _Prepared | None:
+        cfg = self.cfg
+        prompt = self.prompt_shingles(ctx.messages)
+        if len(prompt) < cfg.min_shingles:
+            return None
+        need = max(cfg.min_shingles, math.ceil(cfg.min_overlap_fraction * len(prompt)))
+        if cfg.sufficient_shingles is not None:
+            need = min(need, max(cfg.min_shingles, cfg.sufficient_shingles))
+        return _Prepared(prompt, need)
+
+    def open_channel(self, prepared: _Prepared | None, channel: Channel) -> ChannelState | None:
+        if prepared is None:
+            return None
+        return _PromptLeakState(self, prepared, channel)
+
+
+class _PromptLeakState(ChannelState):
+    __slots__ = ("_channel", "_det", "_done", "_p", "_stream", "_track")
+
+    def __init__(self, det: PromptLeakDetector, prepared: _Prepared, channel: Channel) -> None:
+        self._det = det
+        self._p = prepared
+        self._channel = channel
+        self._stream = ShingleStream(det.cfg.shingle_words)
+        self._track = OverlapTracker()
+        self._done = False
+
+    def feed(self, text: str) -> list[Finding]:
+        return self._consume(self._stream.feed(text))
+
+    def finish(self, end: StreamEnd) -> list[Finding]:
+        if self._done:
+            return []
+        self._done = True
+        out = self._consume(self._stream.finish())
+        tail = self._track.tail()
+        if tail is not None:
+            out.append(self._finding(tail, "final"))
+        return out
+
+    def _consume(self, shingles: Iterable[Shingle]) -> list[Finding]:
+        out: list[Finding] = []
+        prompt, track, gap = self._p.prompt, self._track, self._det.cfg.max_gap_words
+        for sh in shingles:
+            if sh[0] not in prompt:
+                continue
+            track.hit(sh, gap)
+            if track.fired_end is None and track.count >= self._p.threshold:
+                out.append(self._finding(track.fire(), "threshold"))
+        return out
+
+    def _finding(self, span: tuple[int, int], stage: str) -> Finding:
+        total = len(self._p.prompt)
+        n = self._track.count
+        frac = n / total
+        what = "reproduces" if stage == "threshold" else "keeps reproducing"
+        return Finding(
+            detector=NAME,
+            category="system_prompt_leak",
+            severity=self._det._severity,
+            score=frac,
+            message=f"output {what} the system prompt ({frac:.0%} of its {total} word shingles)",
+            span=span,
+            channel=self._channel,
+            evidence=f"{n}/{total} shingles",
+            replacement=placeholder("system_prompt"),
+            attrs={"overlap_fraction": round(frac, 4), "matched_shingles": n,
+                   "prompt_shingles": total, "stage": stage},
+        )
+
+
+PromptLeakConfig.detector_class = PromptLeakDetector
+
+CONFIGS: dict[str, type[DetectorConfig]] = {NAME: PromptLeakConfig}
