@@ -48,6 +48,7 @@ from detectors.prompt_leak import (
     Shingle,
     ShingleStream,
     boilerplate_shingles,
+    countable_shingles,
     shingle_set,
     tokenize,
 )
@@ -72,15 +73,11 @@ def fingerprints_for_request(ctx: RequestContext, k: int = 5, *,
     if not ctx.tenant:
         return set()
     wanted = frozenset(roles)
+    boiler = boilerplate_shingles(k) if ignore_boilerplate else frozenset()
     out: set[int] = set()
     for msg in ctx.messages:
-        if msg.role not in wanted:
-            continue
-        if _word_count(msg.text) < min_message_words:
-            continue
-        out |= shingle_set(msg.text, k)
-    if ignore_boilerplate:
-        out -= boilerplate_shingles(k)
+        if msg.role in wanted and _word_count(msg.text) >= min_message_words:
+            out |= countable_shingles(msg.text, k, boiler)
     return out
 
 

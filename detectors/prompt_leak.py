@@ -110,7 +110,9 @@ word) across which no shingle is formed."""
 
 def _norm(word: str) -> str:
     # ASCII needs no NFKC, has no format or confusable characters, and casefold == lower.
-    return word.lower() if word.isascii() else normalise(word)
+    # Otherwise fold case first: ``normalise`` maps confusables before folding, so capital
+    # look-alikes (Cyrillic "О") would otherwise survive.
+    return word.lower() if word.isascii() else normalise(word.casefold())
 
 
 class WordStream:
@@ -234,10 +236,35 @@ def text_shingles(text: str, k: int) -> list[Shingle]:
 
 
 @lru_cache(maxsize=256)
+def shingle_windows(text: str, k: int) -> tuple[tuple[int, int], ...]:
+    """``(hash, index of the window's last word)`` for every shingle of ``text``, in order.
+    Cached: the same system prompts and documents come with request after request, and hashing
+    a long prompt costs milliseconds."""
+    return tuple((h, i) for h, _, _, i in text_shingles(text, k))
+
+
+@lru_cache(maxsize=256)
 def shingle_set(text: str, k: int) -> frozenset[int]:
-    """Distinct shingle hashes of ``text``. Cached: the same system prompts and documents come
-    with request after request, and hashing a long prompt costs milliseconds."""
-    return frozenset(h for h, _, _, _ in text_shingles(text, k))
+    """Distinct shingle hashes of ``text``."""
+    return frozenset(h for h, _ in shingle_windows(text, k))
+
+
+def countable_shingles(text: str, k: int, ignore: frozenset[int] | set[int]) -> frozenset[int]:
+    """Shingles of ``text`` that are not wholly made of ignored text.
+
+    A shingle is dropped when every one of its words lies inside some shingle whose hash is in
+    ``ignore``. Dropping only the ignored hashes themselves would keep the shingles that
+    straddle two ignored phrases ("... helpful assistant. Use the following ...").
+    """
+    windows = shingle_windows(text, k)
+    hits = [i for h, i in windows if h in ignore]
+    if not hits:
+        return shingle_set(text, k)
+    covered: set[int] = set()
+    for i in hits:
+        covered.update(range(i - k + 1, i + 1))
+    return frozenset(h for h, i in windows
+                     if not all(j in covered for j in range(i - k + 1, i + 1)))
 
 
 # Phrases found in countless system prompts (framework defaults, tutorials). An output that
@@ -382,16 +409,19 @@ class PromptLeakDetector(Detector):
         return self.cfg.lookback_chars
 
     def prompt_shingles(self, messages: Sequence[Message]) -> frozenset[int]:
-        """Countable shingles of the system/developer messages of ``messages``."""
+        """Countable shingles of the system/developer messages of ``messages``: without the
+        boilerplate and ignored phrases, and without what the user wrote."""
         cfg, k = self.cfg, self.cfg.shingle_words
-        prompt: set[int] = set()
         known: set[int] = set()
         for m in messages:
-            if m.role in cfg.roles:
-                prompt |= shingle_set(m.text, k)
-            elif m.role in cfg.ignore_roles:
+            if m.role in cfg.ignore_roles:
                 known |= shingle_set(m.text, k)
-        return frozenset(prompt - known - self._ignore)
+        ignore = self._ignore | known if known else self._ignore
+        prompt: set[int] = set()
+        for m in messages:
+            if m.role in cfg.roles:
+                prompt |= countable_shingles(m.text, k, ignore)
+        return frozenset(prompt)
 
     def prepare(self, ctx: RequestContext) -> _Prepared | None:
         cfg = self.cfg
