@@ -1,0 +1,1 @@
+"""gapwatch proxy: server, routing, streaming relay, policy, telemetry and the simulated upstream."""

@@ -1,0 +1,28 @@
+"""Application factory: config -> gateway -> ASGI app. Also the import-string entry points
+uvicorn needs when it runs several worker processes."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import generate_latest
+
+from proxy.admin import build_admin_app
+from proxy.config import LoadedConfig, load
+from proxy.metrics import Metrics
+from proxy.server import Gateway, ProxyApp
+
+
+def create_app(loaded: LoadedConfig, metrics: Metrics | None = None,
+               separate_admin: bool = False) -> ProxyApp:
+    gw = Gateway(loaded, metrics)
+    gw.metrics_payload = lambda: generate_latest(gw.metrics.registry)  # type: ignore[attr-defined]
+    admin = build_admin_app(gw, serve_metrics=not separate_admin, serve_admin=not separate_admin)
+    return ProxyApp(gw, admin)
+
+
+def from_env() -> ProxyApp:
+    """uvicorn ``--factory`` entry for multi-worker mode: config from GAPWATCH_CONFIG or
+    GAPWATCH_UPSTREAM (set by ``gapwatch serve``)."""
+    loaded = load(os.environ.get("GAPWATCH_CONFIG") or None, os.environ.get("GAPWATCH_UPSTREAM") or None)
+    return create_app(loaded, separate_admin=os.environ.get("GAPWATCH_SEPARATE_ADMIN") == "1")

@@ -1,0 +1,108 @@
+"""The ``gapwatch`` command line: serve, check-config, simulate-upstream, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from proxy.config import ConfigError, load
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from proxy.app import create_app
+
+    try:
+        loaded = load(args.config, args.upstream)
+    except ConfigError as exc:
+        print("gapwatch: configuration error\n" + "\n".join(f"  {p}" for p in exc.problems), file=sys.stderr)
+        return 2
+    server = loaded.config.server
+    host = args.host or server.host
+    port = args.port if args.port is not None else server.port
+    workers = args.workers or server.workers
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    common = {"log_level": "warning", "access_log": False, "lifespan": "on",
+              "timeout_graceful_shutdown": server.shutdown_grace_seconds}
+    if workers > 1:
+        if args.config:
+            os.environ["GAPWATCH_CONFIG"] = os.path.abspath(args.config)
+        if args.upstream:
+            os.environ["GAPWATCH_UPSTREAM"] = args.upstream
+        uvicorn.run("proxy.app:from_env", factory=True, host=host, port=port, workers=workers, **common)
+        return 0
+    separate = server.metrics_port is not None
+    app = create_app(loaded, separate_admin=separate)
+    print(f"gapwatch listening on http://{host}:{port}/v1", file=sys.stderr)
+
+    async def main() -> None:
+        servers = [uvicorn.Server(uvicorn.Config(app, host=host, port=port, **common))]
+        if separate:
+            from proxy.admin import build_admin_app
+            admin = build_admin_app(app.gw)
+            servers.append(uvicorn.Server(uvicorn.Config(admin, host=server.metrics_host,
+                                                         port=server.metrics_port, **common)))
+        await asyncio.gather(*(s.serve() for s in servers))
+
+    asyncio.run(main())
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        loaded = load(args.file)
+    except ConfigError as exc:
+        print(f"{args.file}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    cfg = loaded.config
+    print(f"{args.file}: ok ({len(cfg.upstreams)} upstreams, {len(cfg.routes)} routes, "
+          f"{len(cfg.tenants)} tenants, {len(cfg.policies)} policies)")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from proxy.simulate import run
+
+    run(host=args.host, port=args.port)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    return run_demo(port=args.port, duration=args.duration)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gapwatch", description="LLM output-monitoring proxy")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="run the proxy")
+    s.add_argument("--config", help="YAML config file")
+    s.add_argument("--upstream", help="upstream base URL (zero-config mode, no file)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--workers", type=int)
+    s.set_defaults(fn=_serve)
+    c = sub.add_parser("check-config", help="validate a config file")
+    c.add_argument("file")
+    c.set_defaults(fn=_check)
+    sim = sub.add_parser("simulate-upstream", help="run the simulated OpenAI-compatible provider")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=9000)
+    sim.set_defaults(fn=_simulate)
+    d = sub.add_parser("demo", help="simulated provider + proxy + traffic, with a live summary")
+    d.add_argument("--port", type=int, default=8080)
+    d.add_argument("--duration", type=float, default=0, help="seconds to run (0 = until Ctrl-C)")
+    d.set_defaults(fn=_demo)
+    args = p.parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Which request and response headers cross the proxy, and the request id.
+
+Requests: an allow-list (content negotiation, OpenAI's own headers, tracing) — never
+hop-by-hop headers, never the client's credentials unless the config passes them through,
+never proxy or forwarding headers. Responses: everything the upstream sent except hop-by-hop
+and framing headers, which the proxy's own server sets.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
+    b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection",
+})
+
+# forwarded from client to upstream (lower-case)
+REQUEST_ALLOW = frozenset({
+    b"content-type", b"accept", b"user-agent", b"openai-organization", b"openai-project",
+    b"openai-beta", b"idempotency-key", b"traceparent", b"tracestate", b"baggage",
+    b"x-stainless-arch", b"x-stainless-lang", b"x-stainless-os", b"x-stainless-package-version",
+    b"x-stainless-runtime", b"x-stainless-runtime-version", b"x-stainless-retry-count",
+    b"x-stainless-timeout", b"x-stainless-async", b"x-stainless-read-timeout",
+})
+REQUEST_ALLOW_PREFIXES = (b"x-sim-", b"anthropic-", b"x-goog-")
+
+# dropped from upstream responses (the proxy frames the body itself)
+RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"content-encoding", b"date", b"server"}
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def request_id(incoming: str | None) -> str:
+    """Propagate a well-formed client request id; replace anything else (CR/LF, too long)."""
+    if incoming and _REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return "gw-" + uuid.uuid4().hex
+
+
+def forward_request_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in raw:
+        k = k.lower()
+        if k in REQUEST_ALLOW or k.startswith(REQUEST_ALLOW_PREFIXES):
+            try:
+                out[k.decode("latin-1")] = v.decode("latin-1")
+            except UnicodeDecodeError:
+                continue
+    return out
+
+
+def response_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(k, v) for k, v in raw if k.lower() not in RESPONSE_DROP]

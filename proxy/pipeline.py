@@ -1,0 +1,310 @@
+"""Detectors -> findings -> actions, per response; and the hold-back window per channel.
+
+``Policy`` is built once per configured policy (detectors constructed from validated config,
+hold-back sized). ``ResponsePipeline`` is created per response: it feeds every channel's new
+text to every detector, turns findings into actions, records redactions, and decides how much
+of each channel may be released to the client (``take``). It is synchronous and does no I/O;
+the relay loop in ``proxy.relay`` awaits the network around it.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from detectors.base import Channel, Detector, Finding, RequestContext, ResponseState, Severity, StreamEnd
+from proxy.config import DetectorEntry, PolicyConfig
+
+UNBOUNDED = 1 << 60
+
+
+class Flow(enum.Enum):
+    """What the relay does next (named flow-control values, never booleans)."""
+
+    CONTINUE = "continue"
+    BLOCK = "block"
+    RETRY = "retry"
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A finding with the action the policy took (``action``) and the one it would have taken
+    without shadow mode or severity thresholds (``intended``)."""
+
+    finding: Finding
+    action: str
+    intended: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    config: PolicyConfig
+    entries: tuple[DetectorEntry, ...]
+    detectors: tuple[Detector, ...]
+    holdback_chars: int
+    rewrites: bool  # text may change (redact) or be held: events are re-serialised
+    enforcing: bool  # some action can change or stop the output
+
+    @classmethod
+    def build(cls, name: str, config: PolicyConfig, entries: Sequence[DetectorEntry]) -> Policy:
+        detectors = tuple(e.settings.build() for e in entries)
+        acting = [(e, d) for e, d in zip(entries, detectors, strict=True)
+                  if e.action in ("redact", "block", "retry")
+                  or (e.action == "retry" and e.then in ("redact", "block"))]
+        enforcing = bool(acting) and not config.shadow
+        if config.holdback_chars == "auto":
+            hold = max((d.lookback_chars for e, d in acting
+                        if e.action in ("redact", "block") or e.then in ("redact", "block")), default=0)
+        else:
+            hold = int(config.holdback_chars)
+        if not enforcing:
+            hold = 0
+        if config.buffer == "full" and enforcing:
+            hold = UNBOUNDED
+        redacts = enforcing and any(e.action == "redact" or (e.action == "retry" and e.then == "redact")
+                                    or e.then == "redact" for e in entries)
+        return cls(name=name, config=config, entries=tuple(entries), detectors=detectors,
+                   holdback_chars=hold, rewrites=enforcing and (hold > 0 or redacts), enforcing=enforcing)
+
+    @property
+    def empty(self) -> bool:
+        return not self.detectors
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return any(d.wants_logprobs for d in self.detectors)
+
+
+class ChannelBuffer:
+    """Unreleased text of one channel plus the redactions that fall in it.
+
+    A redaction whose start is released is emitted as its placeholder at once and the text
+    up to its end is consumed, even past the hold-back line: nothing of the span leaks.
+    """
+
+    __slots__ = ("emitted", "finished", "held", "late", "redactions", "released", "total")
+
+    def __init__(self) -> None:
+        self.held = ""  # text[released:total]
+        self.released = 0
+        self.total = 0
+        self.redactions: list[tuple[int, int, str]] = []  # sorted by start, disjoint
+        self.finished = False
+        self.late = 0  # redactions that began before `released` (hold-back too small)
+        self.emitted: list[str] = []
+
+    def append(self, text: str) -> None:
+        self.held += text
+        self.total += len(text)
+
+    def redact(self, start: int, end: int, replacement: str) -> None:
+        end = min(end, self.total)
+        if start < self.released:
+            self.late += 1
+            start = self.released
+        if end <= start:
+            return
+        merged = [start, end, replacement]
+        rest = []
+        for r in self.redactions:
+            if merged[0] < r[1] and merged[1] > r[0]:  # overlap: union, keep the first placeholder
+                repl = r[2] if r[0] <= merged[0] else merged[2]
+                merged = [min(r[0], merged[0]), max(r[1], merged[1]), repl]
+            else:
+                rest.append(r)
+        rest.append((merged[0], merged[1], merged[2]))
+        rest.sort()
+        self.redactions = rest
+
+    def take(self, upto: int) -> str:
+        """Release text up to absolute offset ``upto`` with redactions applied."""
+        upto = min(upto, self.total)
+        rel = self.released
+        pos = rel
+        out: list[str] = []
+        keep = []
+        for s, e, repl in self.redactions:
+            if s >= upto:
+                keep.append((s, e, repl))
+                continue
+            if s > pos:
+                out.append(self.held[pos - rel : s - rel])
+            out.append(repl)
+            pos = max(pos, e)
+        if pos < upto:
+            out.append(self.held[pos - rel : upto - rel])
+            pos = upto
+        if pos == rel:
+            return ""
+        self.held = self.held[pos - rel :]
+        self.released = pos
+        self.redactions = keep
+        text = "".join(out)
+        self.emitted.append(text)
+        return text
+
+
+@dataclass
+class Outcome:
+    """Everything the response produced, for telemetry and incident records."""
+
+    applied: list[Applied] = field(default_factory=list)
+    blocked_by: list[Applied] = field(default_factory=list)
+    retry_by: list[Applied] = field(default_factory=list)
+    detector_errors: list[str] = field(default_factory=list)
+    detector_ns: dict[str, int] = field(default_factory=dict)
+    late_redactions: int = 0
+
+
+class ResponsePipeline:
+    """Per-response state. Not shared across responses; not thread-safe (one event loop)."""
+
+    def __init__(self, policy: Policy, ctx: RequestContext, attempt: int = 0,
+                 can_retry: bool = False, holdback_chars: int | None = None) -> None:
+        self.policy = policy
+        self.ctx = ctx
+        self.attempt = attempt
+        self.can_retry = can_retry
+        self.holdback = policy.holdback_chars if holdback_chars is None else holdback_chars
+        self.outcome = Outcome()
+        self.flow = Flow.CONTINUE
+        self.channels: dict[str, tuple[Channel, ChannelBuffer]] = {}
+        self.new_annotations: list[Applied] = []
+        self._budget_ns = int(policy.config.detector_budget_ms * 1e6)
+        self._states: list[tuple[DetectorEntry, Detector, ResponseState | None]] = []
+        for entry, det in zip(policy.entries, policy.detectors, strict=True):
+            state = self._guard(entry, lambda d=det: d.start(ctx))
+            self._states.append((entry, det, state if isinstance(state, ResponseState) else None))
+
+    # -- running detectors -------------------------------------------------------------------
+
+    def _guard(self, entry: DetectorEntry, fn):  # type: ignore[no-untyped-def]
+        """Run one detector call: time it, contain its failures (fail open or closed)."""
+        t0 = time.perf_counter_ns()
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - a detector bug must never fail the request
+            self._detector_failed(entry, f"{type(exc).__name__}")
+            return None
+        finally:
+            spent = time.perf_counter_ns() - t0
+            ns = self.outcome.detector_ns
+            ns[entry.name] = ns.get(entry.name, 0) + spent
+
+    def _detector_failed(self, entry: DetectorEntry, why: str) -> None:
+        self.outcome.detector_errors.append(f"{entry.name}:{why}")
+        if entry.on_error == "closed" and not self.policy.config.shadow:
+            f = Finding(detector=entry.name, category="detector_error", severity=Severity.high, score=1.0,
+                        message=f"detector {entry.name} failed ({why}) and is configured to fail closed")
+            a = Applied(f, "block", "block")
+            self.outcome.applied.append(a)
+            self.outcome.blocked_by.append(a)
+            self.flow = Flow.BLOCK
+
+    def _over_budget(self, entry: DetectorEntry) -> bool:
+        return self.outcome.detector_ns.get(entry.name, 0) > self._budget_ns
+
+    def _run(self, call) -> None:  # type: ignore[no-untyped-def]
+        for i, (entry, _det, state) in enumerate(self._states):
+            if state is None:
+                continue
+            found = self._guard(entry, lambda s=state: call(s))
+            if self._over_budget(entry):
+                self._detector_failed(entry, "time_budget_exceeded")
+                self._states[i] = (entry, _det, None)
+            if found:
+                for f in found:
+                    self._apply(entry, f)
+
+    def _apply(self, entry: DetectorEntry, f: Finding) -> None:
+        intended = entry.action if f.severity >= entry.min_severity_value else "observe"
+        action = intended
+        if action == "retry":
+            action = "retry" if (self.can_retry and self.attempt + 1 < entry.max_attempts) else entry.then
+        if action == "redact" and (f.span is None or f.replacement is None):
+            action = entry.then if entry.then != "redact" else "block"
+        if self.policy.config.shadow:
+            action = "observe"
+        a = Applied(f, action, intended)
+        self.outcome.applied.append(a)
+        if action == "block":
+            self.outcome.blocked_by.append(a)
+            self.flow = Flow.BLOCK
+        elif action == "retry":
+            self.outcome.retry_by.append(a)
+            if self.flow is Flow.CONTINUE:
+                self.flow = Flow.RETRY
+        elif action == "redact":
+            buf = self._buffer(f.channel)
+            assert f.span is not None and f.replacement is not None
+            before = buf.late
+            buf.redact(f.span[0], f.span[1], f.replacement)
+            self.outcome.late_redactions += buf.late - before
+        if action in ("annotate", "redact", "block", "retry"):
+            self.new_annotations.append(a)
+
+    def _buffer(self, channel: Channel) -> ChannelBuffer:
+        key = channel.key
+        got = self.channels.get(key)
+        if got is None:
+            got = (channel, ChannelBuffer())
+            self.channels[key] = got
+        elif channel.tool_name and not got[0].tool_name:
+            got = (channel, got[1])
+            self.channels[key] = got
+        return got[1]
+
+    # -- the response's lifecycle ------------------------------------------------------------
+
+    def feed(self, channel: Channel, text: str) -> None:
+        buf = self._buffer(channel)
+        if not text:
+            return
+        buf.append(text)
+        if self.flow is Flow.BLOCK:
+            return
+        self._run(lambda s: s.feed(channel, text))
+
+    def feed_logprobs(self, channel: Channel, items: list[tuple[str, float]]) -> None:
+        if self.flow is not Flow.BLOCK:
+            self._run(lambda s: s.feed_logprobs(channel, items))
+
+    def finish_channel(self, channel: Channel, end: StreamEnd) -> None:
+        buf = self._buffer(channel)
+        if buf.finished:
+            return
+        buf.finished = True
+        if self.flow is not Flow.BLOCK:
+            self._run(lambda s: s.finish(channel, end))
+
+    def finish_choice(self, choice: int, end: StreamEnd) -> None:
+        for ch, _buf in list(self.channels.values()):
+            if ch.choice == choice:
+                self.finish_channel(ch, end)
+
+    def finish(self, truncated: bool = False, finish_reason: str | None = None) -> None:
+        """End of response: finish every open channel, then response-level checks."""
+        end = StreamEnd(finish_reason=finish_reason, truncated=truncated)
+        for ch, _buf in list(self.channels.values()):
+            self.finish_channel(ch, end)
+        if self.flow is not Flow.BLOCK:
+            self._run(lambda s: s.finish_response())
+
+    # -- releasing text ------------------------------------------------------------------------
+
+    def take(self, channel: Channel, final: bool = False) -> str:
+        """The part of the channel's text that may now go to the client (redactions applied)."""
+        buf = self._buffer(channel)
+        if final or buf.finished:
+            return buf.take(buf.total)
+        return buf.take(buf.total - self.holdback)
+
+    def emitted_text(self, channel: Channel) -> str:
+        return "".join(self._buffer(channel).emitted)
+
+    def pop_annotations(self) -> list[Applied]:
+        out, self.new_annotations = self.new_annotations, []
+        return out

@@ -1,0 +1,455 @@
+"""The relay: upstream bytes -> SSE events -> deltas -> pipeline -> bytes to the client.
+
+Pure functions build the bytes (``block_events``, ``annotation_comment``, the rewriters);
+``StreamRelay.events`` is the synchronous per-event step; only ``proxy.server`` awaits.
+
+Two modes per response:
+- pass-through: every event is forwarded with its original bytes; detectors observe, and may
+  still end the stream (block) — used when nothing can change the text or the hold-back is 0;
+- rewrite: when a policy may redact or holds text back, each event's text fields are replaced
+  with the text the pipeline releases, and events are re-serialised.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from detectors.base import Channel, StreamEnd
+from proxy import deltas
+from proxy.exchange import Exchange
+from proxy.pipeline import Applied, Flow, ResponsePipeline
+from proxy.sse import SSEEvent
+
+
+def summary(applied: list[Applied]) -> list[dict[str, Any]]:
+    return [{"detector": a.finding.detector, "category": a.finding.category,
+             "severity": a.finding.severity.label, "action": a.action} for a in applied]
+
+
+def annotation_comment(applied: list[Applied]) -> bytes:
+    """SSE comment line(s); clients (and the OpenAI SDKs) ignore comments."""
+    return b": gapwatch " + orjson.dumps({"findings": summary(applied)}) + b"\n\n"
+
+
+def block_error(applied: list[Applied], ex: Exchange) -> dict[str, Any]:
+    detectors = sorted({a.finding.detector for a in applied})
+    cats = sorted({f"{a.finding.detector}:{a.finding.category}" for a in applied})
+    return {
+        "message": f"gapwatch blocked this output ({', '.join(cats)}); request id {ex.request_id}",
+        "type": "content_filter", "code": "output_blocked", "param": None, "detectors": detectors,
+    }
+
+
+def block_events(endpoint: str, applied: list[Applied], ex: Exchange, choices: list[int],
+                 base: dict[str, Any] | None) -> bytes:
+    """The end of a blocked stream: finish_reason content_filter per choice, an error event the
+    SDKs raise on, then [DONE]. Never a silent truncation."""
+    err = block_error(applied, ex)
+    out = bytearray()
+    if endpoint == "responses":
+        ev = {"type": "error", "code": "output_blocked", "message": err["message"], "param": None,
+              "error": err}
+        out += b"event: error\ndata: " + orjson.dumps(ev) + b"\n\n"
+        return bytes(out)
+    base = base or {}
+    obj = "text_completion" if endpoint == "completions" else "chat.completion.chunk"
+    for idx in choices or [0]:
+        choice: dict[str, Any] = {"index": idx, "finish_reason": "content_filter"}
+        if endpoint == "completions":
+            choice["text"] = ""
+        else:
+            choice["delta"] = {}
+        chunk = {"id": base.get("id", f"chatcmpl-{ex.request_id}"), "object": obj,
+                 "created": base.get("created", int(time.time())), "model": base.get("model", ex.model),
+                 "choices": [choice]}
+        out += b"data: " + orjson.dumps(chunk) + b"\n\n"
+    out += b"data: " + orjson.dumps({"error": err}) + b"\n\n"
+    out += b"data: [DONE]\n\n"
+    return bytes(out)
+
+
+def error_event(endpoint: str, message: str, code: str) -> bytes:
+    """A terminal error event for upstream failures mid-stream (never a synthesised [DONE])."""
+    err = {"message": message, "type": "upstream_error", "code": code, "param": None}
+    if endpoint == "responses":
+        ev = {"type": "error", "code": code, "message": message, "param": None, "error": err}
+        return b"event: error\ndata: " + orjson.dumps(ev) + b"\n\n"
+    return b"data: " + orjson.dumps({"error": err}) + b"\n\n"
+
+
+class StreamRelay:
+    """Per-response streaming state: parse events, feed the pipeline, produce client bytes."""
+
+    def __init__(self, ex: Exchange, pipeline: ResponsePipeline | None, rewrite: bool) -> None:
+        self.ex = ex
+        self.pipeline = pipeline
+        self.rewrite = rewrite and pipeline is not None
+        self.tools = deltas.ToolNames()
+        self.done = False  # [DONE] or a terminal Responses event seen
+        self.errored = False  # an upstream error event was relayed
+        self.blocked = False
+        self.choices: list[int] = []
+        self.base: dict[str, Any] | None = None  # id/created/model of the first chunk
+        self.anomalies: list[str] = []
+        self._finished_choices: set[int] = set()
+        self._text_item: dict[str, Any] | None = None  # responses: last output_text.delta envelope
+
+    # -- per event ---------------------------------------------------------------------------
+
+    def on_event(self, ev: SSEEvent, now: float) -> bytes:
+        """Bytes to send to the client for one upstream event (may be empty)."""
+        if self.done:
+            if ev.data is not None or ev.event is not None:
+                self.anomalies.append("after_done")
+            return b""
+        if ev.data is None:
+            return ev.raw
+        if ev.is_done:
+            return self._on_done(ev)
+        try:
+            obj = orjson.loads(ev.data)
+        except orjson.JSONDecodeError:
+            self.anomalies.append("non_json")
+            return ev.raw
+        if not isinstance(obj, dict):
+            self.anomalies.append("non_object")
+            return ev.raw
+        endpoint = self.ex.endpoint
+        if endpoint == "responses":
+            ex_ = deltas.responses_event(obj, self.tools)
+        elif endpoint == "completions":
+            ex_ = deltas.completion_chunk(obj)
+        else:
+            ex_ = deltas.chat_chunk(obj, self.tools)
+            if "choices" not in obj and "error" not in obj:
+                self.anomalies.append("missing_choices")
+        if self.base is None and ex_.response_id:
+            self.base = {"id": obj.get("id"), "created": obj.get("created"), "model": obj.get("model")}
+        return self._apply(ev, obj, ex_, now)
+
+    def _apply(self, ev: SSEEvent, obj: dict[str, Any], ex_: deltas.Extract, now: float) -> bytes:
+        ex = self.ex
+        if ex_.response_model:
+            ex.response_model = ex_.response_model
+        if ex_.response_id:
+            ex.response_id = ex_.response_id
+        if ex_.usage:
+            ex.usage = ex_.usage
+        if ex_.error is not None:
+            self.errored = True
+            return ev.raw
+        pl = self.pipeline
+        for ch, text in ex_.pieces:
+            if text:
+                if ex.upstream_first_token_at is None:
+                    ex.upstream_first_token_at = now
+                ex.output_chars += len(text)
+            if ch.choice not in self.choices:
+                self.choices.append(ch.choice)
+            if pl is not None:
+                pl.feed(ch, text)
+        if pl is not None:
+            for ch, items in ex_.logprobs:
+                pl.feed_logprobs(ch, items)
+        for idx, reason in ex_.finished:
+            ex.finish_reasons.append(reason)
+            self._finished_choices.add(idx)
+            if pl is not None:
+                pl.finish_choice(idx, StreamEnd(finish_reason=reason))
+        if ex_.done:
+            self.done = True
+            if pl is not None:
+                pl.finish(finish_reason=ex_.finished[0][1] if ex_.finished else None)
+        if pl is None:
+            return ev.raw
+        if pl.flow is Flow.BLOCK:
+            return self._block()
+        out = self._rewrite(ev, obj, ex_) if self.rewrite else ev.raw
+        notes = pl.pop_annotations()
+        if notes:
+            out += annotation_comment(notes)
+        return out
+
+    def _on_done(self, ev: SSEEvent) -> bytes:
+        self.done = True
+        pl = self.pipeline
+        if pl is None:
+            return ev.raw
+        out = b""
+        if self.rewrite:
+            out += self._flush_all()
+        pl.finish(finish_reason=self.ex.finish_reasons[-1] if self.ex.finish_reasons else None)
+        if pl.flow is Flow.BLOCK:
+            return self._block()
+        if self.rewrite:
+            out += self._flush_all()
+        notes = pl.pop_annotations()
+        if notes:
+            out += annotation_comment(notes)
+        return out + ev.raw
+
+    def _block(self) -> bytes:
+        self.blocked = True
+        self.done = True
+        assert self.pipeline is not None
+        self.pipeline.pop_annotations()
+        return block_events(self.ex.endpoint, self.pipeline.outcome.blocked_by, self.ex, self.choices,
+                            self.base)
+
+    # -- the end of the upstream body ---------------------------------------------------------
+
+    def on_eof(self) -> tuple[bytes, bool]:
+        """Upstream body ended. Returns (bytes, clean): clean is False when it ended without
+        [DONE] / a terminal event (truncated), in which case the caller sends an error event."""
+        if self.done or self.blocked:
+            return b"", True
+        self.ex.truncated = True
+        pl = self.pipeline
+        if pl is not None:
+            pl.finish(truncated=True)
+            if pl.flow is Flow.BLOCK:
+                return self._block(), True
+        return b"", False
+
+    # -- rewrite mode -----------------------------------------------------------------------
+
+    def _flush_all(self) -> bytes:
+        """Release everything still held (end of response) as one synthetic chunk per choice."""
+        assert self.pipeline is not None
+        pl = self.pipeline
+        ep = self.ex.endpoint
+        by_choice: dict[int, list[tuple[Channel, str]]] = {}
+        for ch, _buf in list(pl.channels.values()):
+            rest = pl.take(ch, final=True)
+            if rest:
+                by_choice.setdefault(ch.choice, []).append((ch, rest))
+        out = bytearray()
+        for idx, parts in by_choice.items():
+            out += self._synthetic(idx, parts, ep)
+        return bytes(out)
+
+    def _synthetic(self, idx: int, parts: list[tuple[Channel, str]], ep: str) -> bytes:
+        base = self.base or {}
+        if ep == "responses":
+            out = bytearray()
+            for ch, text in parts:
+                if ch.kind == "tool_call":
+                    ev = {"type": "response.function_call_arguments.delta", "output_index": ch.tool_index,
+                          "item_id": "", "delta": text}
+                else:
+                    env = dict(self._text_item or {"type": "response.output_text.delta", "item_id": "",
+                                                   "output_index": 0, "content_index": 0})
+                    env["delta"] = text
+                    env.pop("logprobs", None)
+                    ev = env
+                out += b"event: " + ev["type"].encode() + b"\ndata: " + orjson.dumps(ev) + b"\n\n"
+            return bytes(out)
+        choice: dict[str, Any] = {"index": idx, "finish_reason": None}
+        if ep == "completions":
+            choice["text"] = "".join(t for ch, t in parts if ch.kind == "text")
+        else:
+            delta: dict[str, Any] = {}
+            text = "".join(t for ch, t in parts if ch.kind == "text")
+            if text:
+                delta["content"] = text
+            tcs = [{"index": ch.tool_index, "function": {"arguments": t}} for ch, t in parts
+                   if ch.kind == "tool_call"]
+            if tcs:
+                delta["tool_calls"] = tcs
+            choice["delta"] = delta
+        chunk = {"id": base.get("id"), "object": "text_completion" if ep == "completions" else
+                 "chat.completion.chunk", "created": base.get("created"), "model": base.get("model"),
+                 "choices": [choice]}
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    def _rewrite(self, ev: SSEEvent, obj: dict[str, Any], ex_: deltas.Extract) -> bytes:
+        assert self.pipeline is not None
+        pl = self.pipeline
+        ep = self.ex.endpoint
+        if ep == "responses":
+            return self._rewrite_responses(ev, obj)
+        choices = obj.get("choices")
+        if not isinstance(choices, list) or not choices:
+            return ev.raw
+        prefix = bytearray()
+        changed_any = False
+        keep_event = False
+        for ch in choices:
+            if not isinstance(ch, dict):
+                continue
+            idx = ch.get("index", 0) if isinstance(ch.get("index", 0), int) else 0
+            finishing = isinstance(ch.get("finish_reason"), str)
+            if finishing:
+                # everything held for this choice goes out before its final chunk
+                parts = []
+                for chan, _buf in list(pl.channels.values()):
+                    if chan.choice == idx:
+                        rest = pl.take(chan, final=True)
+                        if rest:
+                            parts.append((chan, rest))
+                if parts:
+                    prefix += self._synthetic(idx, parts, ep)
+                keep_event = True
+            if ep == "completions":
+                if isinstance(ch.get("text"), str):
+                    ch["text"] = "" if finishing and not ch["text"] else pl.take(Channel(choice=idx))
+                    changed_any = True
+                    keep_event = keep_event or bool(ch["text"])
+                continue
+            delta = ch.get("delta")
+            if not isinstance(delta, dict):
+                keep_event = True
+                continue
+            if set(delta) - {"content", "tool_calls"} or ch.get("logprobs"):
+                keep_event = True
+            if isinstance(delta.get("content"), str) and delta["content"]:
+                delta["content"] = "" if finishing else pl.take(Channel(choice=idx))
+                changed_any = True
+                keep_event = keep_event or bool(delta["content"])
+            tcs = delta.get("tool_calls")
+            if isinstance(tcs, list):
+                for tc in tcs:
+                    if not isinstance(tc, dict):
+                        continue
+                    fn = tc.get("function")
+                    if set(tc) - {"index", "function"} or (isinstance(fn, dict) and fn.get("name")):
+                        keep_event = True  # carries id / type / name
+                    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                        ti = tc.get("index", 0) if isinstance(tc.get("index", 0), int) else 0
+                        chan = self.tools.channel(idx, ti, None)
+                        fn["arguments"] = "" if finishing else pl.take(chan)
+                        changed_any = True
+                        keep_event = keep_event or bool(fn["arguments"])
+        if not changed_any:
+            return bytes(prefix) + ev.raw
+        if not keep_event and not obj.get("usage"):
+            return bytes(prefix)
+        return bytes(prefix) + b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    def _rewrite_responses(self, ev: SSEEvent, obj: dict[str, Any]) -> bytes:
+        assert self.pipeline is not None
+        pl = self.pipeline
+        t = obj.get("type")
+        name = b"event: " + str(t).encode() + b"\n" if ev.event else b""
+        if t == "response.output_text.delta":
+            self._text_item = {k: obj.get(k) for k in ("type", "item_id", "output_index", "content_index")}
+            obj["delta"] = pl.take(Channel())
+            obj.pop("logprobs", None) if not obj["delta"] else None
+            return name + b"data: " + orjson.dumps(obj) + b"\n\n" if obj["delta"] else b""
+        if t == "response.function_call_arguments.delta":
+            oi = obj.get("output_index", 0)
+            obj["delta"] = pl.take(self.tools.channel(0, oi if isinstance(oi, int) else 0, None))
+            return name + b"data: " + orjson.dumps(obj) + b"\n\n" if obj["delta"] else b""
+        prefix = b""
+        if t == "response.output_text.done":
+            pl.finish_channel(Channel(), StreamEnd(finish_reason="stop"))
+            if pl.flow is Flow.BLOCK:
+                return self._block()
+            rest = pl.take(Channel(), final=True)
+            if rest:
+                prefix = self._synthetic(0, [(Channel(), rest)], "responses")
+            obj["text"] = pl.emitted_text(Channel())
+        elif t == "response.function_call_arguments.done":
+            oi = obj.get("output_index", 0)
+            chan = self.tools.channel(0, oi if isinstance(oi, int) else 0, None)
+            pl.finish_channel(chan, StreamEnd(finish_reason="stop"))
+            if pl.flow is Flow.BLOCK:
+                return self._block()
+            rest = pl.take(chan, final=True)
+            if rest:
+                prefix = self._synthetic(0, [(chan, rest)], "responses")
+            obj["arguments"] = pl.emitted_text(chan)
+        elif t == "response.content_part.done":
+            part = obj.get("part")
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                part["text"] = pl.emitted_text(Channel())
+        elif t == "response.output_item.done":
+            _fix_output_item(obj.get("item"), pl, self.tools, obj.get("output_index"))
+        elif t in ("response.completed", "response.incomplete", "response.failed"):
+            resp = obj.get("response")
+            if isinstance(resp, dict):
+                for oi, item in enumerate(resp.get("output") or ()):
+                    _fix_output_item(item, pl, self.tools, oi)
+        else:
+            return ev.raw
+        return prefix + name + b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _fix_output_item(item: Any, pl: ResponsePipeline, tools: deltas.ToolNames, oi: Any) -> None:
+    if not isinstance(item, dict):
+        return
+    if item.get("type") == "message":
+        for part in item.get("content") or ():
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                part["text"] = pl.emitted_text(Channel())
+    elif item.get("type") == "function_call" and isinstance(oi, int):
+        item["arguments"] = pl.emitted_text(tools.channel(0, oi, None))
+
+
+# -- non-streaming bodies ------------------------------------------------------------------------
+
+def scan_body(endpoint: str, obj: dict[str, Any], ex: Exchange, pl: ResponsePipeline) -> None:
+    """Run a whole non-streaming body through the pipeline (hold-back is unbounded here)."""
+    if endpoint == "responses":
+        ex_ = deltas.responses_body(obj)
+    elif endpoint == "completions":
+        ex_ = deltas.completion_chunk(obj)
+    else:
+        ex_ = deltas.chat_body(obj)
+    ex.response_model = ex_.response_model
+    ex.response_id = ex_.response_id
+    ex.usage = ex_.usage
+    for ch, text in ex_.pieces:
+        ex.output_chars += len(text)
+        pl.feed(ch, text)
+    for ch, items in ex_.logprobs:
+        pl.feed_logprobs(ch, items)
+    for idx, reason in ex_.finished:
+        ex.finish_reasons.append(reason)
+        pl.finish_choice(idx, StreamEnd(finish_reason=reason))
+    pl.finish(finish_reason=ex.finish_reasons[0] if ex.finish_reasons else None)
+
+
+def redact_body(endpoint: str, obj: dict[str, Any], pl: ResponsePipeline) -> bool:
+    """Write redacted text back into a non-streaming body. Returns whether anything changed."""
+    changed = False
+    for ch, buf in list(pl.channels.values()):
+        if not buf.redactions and not buf.late:
+            continue
+        new = pl.take(ch, final=True)
+        changed = True
+        if endpoint == "chat":
+            for choice in obj.get("choices") or ():
+                if not isinstance(choice, dict) or choice.get("index", 0) != ch.choice:
+                    continue
+                msg = choice.get("message")
+                if not isinstance(msg, dict):
+                    continue
+                if ch.kind == "text":
+                    msg["content"] = new
+                else:
+                    tcs = msg.get("tool_calls") or []
+                    if ch.tool_index is not None and ch.tool_index < len(tcs):
+                        tcs[ch.tool_index]["function"]["arguments"] = new
+        elif endpoint == "completions":
+            for choice in obj.get("choices") or ():
+                if isinstance(choice, dict) and choice.get("index", 0) == ch.choice:
+                    choice["text"] = new
+        elif endpoint == "responses":
+            output = obj.get("output") or []
+            if ch.kind == "tool_call" and ch.tool_index is not None and ch.tool_index < len(output):
+                output[ch.tool_index]["arguments"] = new
+            elif ch.kind == "text":
+                first = True
+                for item in output:
+                    if isinstance(item, dict) and item.get("type") == "message":
+                        for part in item.get("content") or ():
+                            if isinstance(part, dict) and part.get("type") == "output_text":
+                                part["text"] = new if first else ""
+                                first = False
+                if "output_text" in obj:
+                    obj["output_text"] = new
+    return changed

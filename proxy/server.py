@@ -1,0 +1,654 @@
+"""The ASGI application: the app boundary where requests come in and errors become responses.
+
+The OpenAI data path (``/v1/*``) is plain ASGI (no framework routing or models on the hot
+path); health, metrics and admin endpoints are a small FastAPI app. Every request runs as a
+task next to a watcher of the client connection, so a client that goes away cancels the
+upstream request at once (the upstream response is closed in ``finally``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import orjson
+
+from detectors.base import RequestContext
+from proxy import headers as hdrs
+from proxy.config import LoadedConfig
+from proxy.errors import (
+    BadRequest,
+    BodyTooLarge,
+    Overloaded,
+    ProxyError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from proxy.exchange import Exchange, request_context
+from proxy.metrics import Metrics, ModelLabel
+from proxy.pipeline import Flow, Policy, ResponsePipeline
+from proxy.relay import StreamRelay, block_error, error_event, redact_body, scan_body, summary
+from proxy.routing import Router, Tenants
+from proxy.sse import LineTooLong, SSEParser
+from proxy.telemetry import Telemetry
+from proxy.upstream import Upstream
+
+log = logging.getLogger("gapwatch")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+ENDPOINTS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/responses": "responses",
+    "/v1/embeddings": "embeddings",
+}
+DETECTED = frozenset({"chat", "completions", "responses"})
+JSON_HEADERS = [(b"content-type", b"application/json")]
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+
+
+class ClientGone(Exception):
+    """The client disconnected; the request task is cancelled."""
+
+
+class Gateway:
+    """Owns the configured runtime objects, built once at start-up."""
+
+    def __init__(self, loaded: LoadedConfig, metrics: Metrics | None = None) -> None:
+        cfg = self.config = loaded.config
+        self.metrics = metrics or Metrics()
+        self.model_label = ModelLabel(cfg.telemetry.metrics.model_allowlist)
+        self.router = Router(cfg)
+        self.tenants = Tenants(cfg)
+        self.policies = {name: Policy.build(name, cfg.policies[name], loaded.detectors.get(name, ()))
+                         for name in cfg.policies}
+        self.upstreams: dict[str, Upstream] = {}
+        self.telemetry = Telemetry(cfg, self.metrics)
+        self.in_flight = 0
+        self.ready = False
+        self.draining = False
+
+    async def startup(self) -> None:
+        self.upstreams = {n: Upstream.build(n, u) for n, u in self.config.upstreams.items()}
+        self.telemetry.start()
+        self.ready = True
+
+    async def shutdown(self) -> None:
+        self.ready = False
+        for up in self.upstreams.values():
+            await up.aclose()
+        await self.telemetry.stop()
+
+
+class ProxyApp:
+    """ASGI callable. ``/v1/*`` is proxied; everything else goes to the admin app."""
+
+    def __init__(self, gateway: Gateway, admin_app: Any) -> None:
+        self.gw = gateway
+        self.admin = admin_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        t = scope["type"]
+        if t == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if t != "http":
+            return
+        path: str = scope["path"]
+        if path.startswith("/v1/") or path == "/v1":
+            await self._proxy(scope, receive, send)
+        else:
+            await self.admin(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    await self.gw.startup()
+                except Exception as exc:  # noqa: BLE001 - report start-up failure to the server
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await self.gw.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- the data path ---------------------------------------------------------------------------
+
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gw = self.gw
+        raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
+        incoming_id = None
+        for k, v in raw_headers:
+            if k == b"x-request-id":
+                incoming_id = v.decode("latin-1")
+                break
+        path = scope["path"]
+        ex = Exchange(request_id=hdrs.request_id(incoming_id), method=scope["method"], path=path,
+                      endpoint=ENDPOINTS.get(path, "models" if path == "/v1/models" else "other"))
+        sent = _SendGuard(send)
+        if gw.in_flight >= gw.config.server.max_concurrency or gw.draining:
+            gw.metrics.requests.labels("none", "other", ex.endpoint, "false", "5xx", "overloaded").inc()
+            err = Overloaded("gapwatch is at its concurrency limit; retry shortly",
+                             headers={"retry-after": "1"})
+            await _send_error(sent, err, ex.request_id)
+            return
+        gw.in_flight += 1
+        gw.metrics.in_flight.inc()
+        task = asyncio.current_task()
+        assert task is not None
+        body_done = asyncio.Event()
+        watcher = asyncio.get_running_loop().create_task(self._watch(receive, body_done, task, ex, sent))
+        try:
+            await self._handle(scope, receive, sent, ex, raw_headers, body_done)
+        except asyncio.CancelledError:
+            if not ex.client_disconnected:
+                raise
+            ex.outcome = "client_disconnected"
+            ex.status = ex.status or 499
+            # the client is gone: nothing to send; uncancel so finally-blocks can finish
+            t = asyncio.current_task()
+            if t is not None:
+                t.uncancel()
+        except ProxyError as err:
+            ex.status, ex.outcome = err.status, err.outcome
+            if not sent.started:
+                await _send_error(sent, err, ex.request_id)
+            elif not sent.finished:
+                await sent.body(error_event(ex.endpoint, err.message, err.code or "error"), more=False)
+        except Exception:  # noqa: BLE001 - the boundary: a bug must become a clean 500, not a crash
+            log.exception("internal error handling request %s", ex.request_id)
+            ex.status, ex.outcome = 500, "error"
+            err = ProxyError("gapwatch internal error; the request id is in x-request-id")
+            if not sent.started:
+                await _send_error(sent, err, ex.request_id)
+            elif not sent.finished:
+                await sent.body(error_event(ex.endpoint, err.message, "internal_error"), more=False)
+        finally:
+            watcher.cancel()
+            gw.in_flight -= 1
+            gw.metrics.in_flight.dec()
+            ex.ended = time.perf_counter()
+            gw.telemetry.finished(ex)
+
+    async def _watch(self, receive: Receive, body_done: asyncio.Event, task: asyncio.Task[Any],
+                     ex: Exchange, sent: _SendGuard) -> None:
+        """Once the body is read, the next ASGI message is the disconnect: cancel the request."""
+        await body_done.wait()
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                if not task.done() and not sent.finished:
+                    ex.client_disconnected = True
+                    task.cancel()
+                return
+
+    async def _read_body(self, scope: Scope, receive: Receive, raw_headers: list[tuple[bytes, bytes]]) -> bytes:
+        limit = self.gw.config.server.max_body_bytes
+        for k, v in raw_headers:
+            if k == b"content-length":
+                try:
+                    if int(v) > limit:
+                        raise BodyTooLarge(f"request body is larger than the {limit} byte limit "
+                                           "(server.max_body_bytes)")
+                except ValueError:
+                    raise BadRequest("invalid Content-Length header") from None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise asyncio.CancelledError
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body is larger than the {limit} byte limit (server.max_body_bytes)")
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _handle(self, scope: Scope, receive: Receive, sent: _SendGuard, ex: Exchange,
+                      raw_headers: list[tuple[bytes, bytes]], body_done: asyncio.Event) -> None:
+        gw = self.gw
+        if ".." in ex.path.split("/") or "//" in ex.path:
+            body_done.set()
+            raise BadRequest("invalid path")
+        try:
+            raw_body = await self._read_body(scope, receive, raw_headers)
+        except asyncio.CancelledError:
+            ex.client_disconnected = True
+            raise
+        body_done.set()
+        client_auth = api_key_hdr = None
+        lower: dict[str, str] = {}
+        for k, v in raw_headers:
+            if k == b"authorization":
+                client_auth = v.decode("latin-1")
+            elif k == b"api-key":
+                api_key_hdr = v.decode("latin-1")
+            elif k.startswith(b"x-gapwatch-"):
+                lower[k.decode("latin-1")] = v.decode("latin-1")
+
+        tenant = None
+        if gw.tenants.enabled:
+            tenant = gw.tenants.authenticate(client_auth, api_key_hdr)
+            ex.tenant = tenant.name
+
+        if ex.endpoint == "models" and ex.method == "GET":
+            await self._models(sent, ex, client_auth)
+            return
+
+        body: dict[str, Any] | None = None
+        if ex.method == "POST" and ex.endpoint != "other":
+            body = _parse_json_body(raw_body, ex.endpoint)
+            ex.body = body
+            ex.model = body["model"]
+            ex.stream = body.get("stream") is True
+        elif ex.method == "POST" and raw_body:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                parsed = orjson.loads(raw_body)
+                if isinstance(parsed, dict) and isinstance(parsed.get("model"), str):
+                    ex.model = parsed["model"]
+        ex.model_label = gw.model_label(ex.model)
+
+        idx, route = gw.router.select(ex.model, ex.path, ex.tenant)
+        ex.route = gw.router.route_name(idx)
+        upstream = gw.upstreams[route.upstream]
+        ex.upstream = upstream.name
+        policy_name = (tenant.policy if tenant and tenant.policy else None) or route.policy
+        policy = gw.policies.get(policy_name) or gw.policies["default"]
+        ex.policy = policy
+
+        fwd = hdrs.forward_request_headers(raw_headers)
+        fwd.update(upstream.auth_headers(client_auth, gw.tenants.enabled))
+        fwd.update(upstream.config.headers)
+        fwd["x-request-id"] = ex.request_id
+        fwd["accept-encoding"] = "identity"
+        url = upstream.url(ex.path, scope.get("query_string", b""))
+
+        use_detectors = ex.endpoint in DETECTED and body is not None and not policy.empty
+        if not use_detectors:
+            await self._passthrough(sent, ex, upstream, url, fwd, raw_body, scope["method"])
+            return
+        ctx = request_context(ex, lower)
+        if ex.stream:
+            await self._stream(sent, ex, upstream, url, fwd, raw_body, policy, ctx)
+        else:
+            await self._unary(sent, ex, upstream, url, fwd, raw_body, policy, ctx)
+
+    # -- upstream calls --------------------------------------------------------------------------
+
+    async def _open(self, ex: Exchange, upstream: Upstream, method: str, url: httpx.URL,
+                    fwd: dict[str, str], body: bytes) -> httpx.Response:
+        """Send the request and wait for the response headers within the first-byte timeout."""
+        cfg = upstream.config
+        req = upstream.client.build_request(method, url, headers=fwd, content=body)
+        ex.upstream_started = ex.upstream_started or time.perf_counter()
+        ex.attempts += 1
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(cfg.first_byte_timeout_seconds):
+                resp = await upstream.client.send(req, stream=True)
+        except TimeoutError:
+            ex.upstream_error = "first_byte_timeout"
+            raise UpstreamTimeout(f"upstream '{upstream.name}' sent no response within "
+                                  f"{cfg.first_byte_timeout_seconds:g}s (first_byte_timeout_seconds)") from None
+        except httpx.ConnectTimeout:
+            ex.upstream_error = "connect_timeout"
+            raise UpstreamTimeout(f"connecting to upstream '{upstream.name}' timed out") from None
+        except httpx.ConnectError:
+            ex.upstream_error = "connect"
+            raise UpstreamError(f"cannot connect to upstream '{upstream.name}'",
+                                code="upstream_unreachable") from None
+        except httpx.HTTPError as exc:
+            ex.upstream_error = "protocol"
+            raise UpstreamError(f"upstream '{upstream.name}' failed: {type(exc).__name__}") from None
+        finally:
+            ex.upstream_wait += time.perf_counter() - t0
+        ex.upstream_headers_at = time.perf_counter()
+        return resp
+
+    async def _read_all(self, ex: Exchange, upstream: Upstream, resp: httpx.Response) -> bytes:
+        cfg = upstream.config
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(cfg.idle_timeout_seconds):
+                return await resp.aread()
+        except TimeoutError:
+            ex.upstream_error = "idle_timeout"
+            raise UpstreamTimeout(f"upstream '{upstream.name}' stalled while sending the body") from None
+        except httpx.HTTPError as exc:
+            ex.upstream_error = "reset"
+            raise UpstreamError(f"upstream '{upstream.name}' broke off the response ({type(exc).__name__})",
+                                code="upstream_reset") from None
+        finally:
+            ex.upstream_wait += time.perf_counter() - t0
+            ex.upstream_ended = time.perf_counter()
+
+    async def _passthrough(self, sent: _SendGuard, ex: Exchange, upstream: Upstream, url: httpx.URL,
+                           fwd: dict[str, str], body: bytes, method: str) -> None:
+        """No detectors apply: relay status, headers and bytes as they come."""
+        resp = await self._open(ex, upstream, method, url, fwd, body)
+        try:
+            ex.status = resp.status_code
+            if resp.status_code >= 400:
+                ex.upstream_error = f"status_{resp.status_code // 100}xx"
+            await sent.start(resp.status_code, _resp_headers(resp, ex.request_id))
+            cfg = upstream.config
+            deadline = time.monotonic() + cfg.max_stream_duration_seconds
+            first = True
+            parser = SSEParser(self.gw.config.server.max_sse_line_bytes) if ex.stream else None
+            relay = StreamRelay(ex, None, False) if parser is not None else None
+            it = resp.aiter_bytes().__aiter__()
+            while True:
+                chunk = await self._next_chunk(ex, upstream, it, first, deadline)
+                if chunk is None:
+                    break
+                first = False
+                if relay is not None and parser is not None and resp.status_code < 400:
+                    now = time.perf_counter()
+                    try:
+                        for ev in parser.feed(chunk):
+                            relay.on_event(ev, now)  # metrics only: bytes go out unchanged
+                    except LineTooLong:
+                        parser = None
+                await sent.body(chunk, more=True)
+            if relay is not None and resp.status_code < 400 and not relay.done and not relay.errored:
+                ex.truncated = True
+            await sent.body(b"", more=False)
+        finally:
+            ex.upstream_ended = ex.upstream_ended or time.perf_counter()
+            await resp.aclose()
+
+    async def _next_chunk(self, ex: Exchange, upstream: Upstream, it: Any, first: bool,
+                          deadline: float) -> bytes | None:
+        cfg = upstream.config
+        budget = min(cfg.idle_timeout_seconds, deadline - time.monotonic())
+        if budget <= 0:
+            ex.upstream_error = "max_duration"
+            raise UpstreamTimeout(f"stream exceeded max_stream_duration_seconds "
+                                  f"({cfg.max_stream_duration_seconds:g}s)", code="stream_too_long")
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(budget):
+                return await it.__anext__()
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                ex.upstream_error = "max_duration"
+                raise UpstreamTimeout("stream exceeded max_stream_duration_seconds", code="stream_too_long") from None
+            ex.upstream_error = "idle_timeout"
+            raise UpstreamTimeout(f"upstream '{upstream.name}' stalled for {cfg.idle_timeout_seconds:g}s "
+                                  "(idle_timeout_seconds)", code="upstream_idle_timeout") from None
+        except httpx.HTTPError as exc:
+            ex.upstream_error = "reset"
+            raise UpstreamError(f"upstream '{upstream.name}' broke off the stream ({type(exc).__name__})",
+                                code="upstream_reset") from None
+        finally:
+            dt = time.perf_counter() - t0
+            ex.upstream_wait += dt
+
+    async def _unary(self, sent: _SendGuard, ex: Exchange, upstream: Upstream, url: httpx.URL,
+                     fwd: dict[str, str], raw_body: bytes, policy: Policy, ctx: RequestContext) -> None:
+        attempt = 0
+        body_bytes = raw_body
+        while True:
+            resp = await self._open(ex, upstream, "POST", url, fwd, body_bytes)
+            try:
+                data = await self._read_all(ex, upstream, resp)
+            finally:
+                await resp.aclose()
+            ex.status = resp.status_code
+            headers = _resp_headers(resp, ex.request_id)
+            if resp.status_code >= 400:
+                ex.upstream_error = f"status_{resp.status_code // 100}xx"
+                await sent.start(resp.status_code, headers)
+                await sent.body(data, more=False)
+                return
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                obj = None
+            if not isinstance(obj, dict):
+                ex.upstream_error = "protocol"
+                raise UpstreamError("upstream returned a body that is not a JSON object", code="upstream_protocol")
+            max_attempts = max((e.max_attempts for e in policy.entries if e.action == "retry"), default=1)
+            pl = ResponsePipeline(policy, ctx, attempt=attempt, can_retry=attempt + 1 < max_attempts)
+            scan_body(ex.endpoint, obj, ex, pl)
+            ex.outcomes.append(pl.outcome)
+            if pl.flow is Flow.RETRY:
+                attempt += 1
+                body_bytes = _retry_body(raw_body, pl, ex)
+                continue
+            if pl.flow is Flow.BLOCK:
+                ex.outcome = "blocked"
+                status = policy.config.block_status
+                ex.status = status
+                err = block_error(pl.outcome.blocked_by, ex)
+                await sent.start(status, [*JSON_HEADERS, (b"x-request-id", ex.request_id.encode())])
+                await sent.body(orjson.dumps({"error": err}), more=False)
+                return
+            if redact_body(ex.endpoint, obj, pl):
+                data = orjson.dumps(obj)
+                ex.outcome = "redacted"
+            notes = [a for a in pl.outcome.applied if a.action != "observe"]
+            if notes:
+                headers.append((b"x-gapwatch-findings", orjson.dumps(summary(notes))))
+            await sent.start(resp.status_code, headers)
+            await sent.body(data, more=False)
+            return
+
+    async def _stream(self, sent: _SendGuard, ex: Exchange, upstream: Upstream, url: httpx.URL,
+                      fwd: dict[str, str], raw_body: bytes, policy: Policy, ctx: RequestContext) -> None:
+        attempt = 0
+        body_bytes = raw_body
+        buffered = policy.config.buffer == "full" and policy.enforcing
+        max_attempts = max((e.max_attempts for e in policy.entries if e.action == "retry"), default=1)
+        while True:
+            resp = await self._open(ex, upstream, "POST", url, fwd, body_bytes)
+            try:
+                ex.status = resp.status_code
+                if resp.status_code >= 400:
+                    ex.upstream_error = f"status_{resp.status_code // 100}xx"
+                    data = await self._read_all(ex, upstream, resp)
+                    await sent.start(resp.status_code, _resp_headers(resp, ex.request_id))
+                    await sent.body(data, more=False)
+                    return
+                ctype = resp.headers.get("content-type", "")
+                if "text/event-stream" not in ctype:
+                    ex.upstream_error = "protocol"
+                    raise UpstreamError("upstream answered a streaming request without an event stream "
+                                        f"(content-type {ctype.split(';')[0][:40]!r})", code="upstream_protocol")
+                pl = ResponsePipeline(policy, ctx, attempt=attempt,
+                                      can_retry=buffered and attempt + 1 < max_attempts)
+                ex.outcomes.append(pl.outcome)
+                relay = StreamRelay(ex, pl, policy.rewrites)
+                retry = await self._relay(sent, ex, upstream, resp, relay, buffered)
+            finally:
+                await resp.aclose()
+            if retry:
+                attempt += 1
+                body_bytes = _retry_body(raw_body, pl, ex)
+                continue
+            return
+
+    async def _relay(self, sent: _SendGuard, ex: Exchange, upstream: Upstream, resp: httpx.Response,
+                     relay: StreamRelay, buffered: bool) -> bool:
+        """Pump one upstream stream to the client. Returns True when the policy wants a retry
+        (only possible while nothing has been sent: buffered mode)."""
+        parser = SSEParser(self.gw.config.server.max_sse_line_bytes)
+        headers = [*SSE_HEADERS, (b"x-request-id", ex.request_id.encode())]
+        if not buffered and not sent.started:
+            await sent.start(200, headers)
+        held = bytearray()
+        deadline = time.monotonic() + upstream.config.max_stream_duration_seconds
+        it = resp.aiter_bytes().__aiter__()
+        first = True
+        try:
+            while not relay.done:
+                chunk = await self._next_chunk(ex, upstream, it, first, deadline)
+                if chunk is None:
+                    break
+                first = False
+                now = time.perf_counter()
+                try:
+                    events = parser.feed(chunk)
+                except LineTooLong:
+                    self.gw.metrics.stream_events.labels("line_too_long").inc()
+                    ex.upstream_error = "line_too_long"
+                    raise UpstreamError("upstream sent an SSE line over server.max_sse_line_bytes",
+                                        code="upstream_protocol") from None
+                out = bytearray()
+                for ev in events:
+                    out += relay.on_event(ev, now)
+                    if relay.done:
+                        break
+                if out:
+                    if buffered:
+                        held += out
+                    else:
+                        await sent.body(bytes(out), more=True)
+            if not relay.done:
+                for ev in parser.flush():
+                    held_or_send = relay.on_event(ev, time.perf_counter())
+                    if held_or_send:
+                        if buffered:
+                            held += held_or_send
+                        else:
+                            await sent.body(held_or_send, more=True)
+            tail, clean = relay.on_eof()
+        except UpstreamError as err:
+            # mid-stream failure: finish detectors as truncated, end with an error event
+            ex.truncated = True
+            ex.status, ex.outcome = err.status, err.outcome
+            assert relay.pipeline is not None
+            relay.pipeline.finish(truncated=True)
+            if buffered and not sent.started:
+                raise
+            await sent.body(bytes(held) + error_event(ex.endpoint, err.message, err.code or "upstream_error"),
+                            more=False)
+            return False
+        finally:
+            for kind in relay.anomalies:
+                self.gw.metrics.stream_events.labels(kind).inc()
+        pl = relay.pipeline
+        if buffered and pl is not None and pl.flow is Flow.RETRY and not relay.blocked:
+            return True
+        if relay.blocked:
+            ex.outcome = "blocked"
+        if not clean:
+            ex.outcome = "truncated"
+            tail += error_event(ex.endpoint, "upstream ended the stream before it was complete",
+                                "upstream_truncated")
+        if buffered:
+            await sent.start(200, headers)
+            await sent.body(bytes(held) + tail, more=False)
+        else:
+            await sent.body(tail, more=False)
+        return False
+
+    async def _models(self, sent: _SendGuard, ex: Exchange, client_auth: str | None) -> None:
+        """The union of the models the configured routes can serve."""
+        gw = self.gw
+        seen: dict[str, dict[str, Any]] = {}
+        for name, up in gw.upstreams.items():
+            patterns = [r.match.model for r in gw.config.routes if r.upstream == name]
+            if not patterns:
+                continue
+            fwd = up.auth_headers(client_auth, gw.tenants.enabled) | dict(up.config.headers)
+            try:
+                async with asyncio.timeout(up.config.connect_timeout_seconds + 5):
+                    resp = await up.client.get(up.url("/v1/models", b""), headers=fwd)
+                data = resp.json().get("data", []) if resp.status_code == 200 else []
+            except (httpx.HTTPError, TimeoutError, ValueError, AttributeError):
+                data = []
+            from proxy.config import glob_match
+            for m in data:
+                mid = m.get("id") if isinstance(m, dict) else None
+                if isinstance(mid, str) and any(glob_match(p, mid) for p in patterns):
+                    seen.setdefault(mid, m)
+        ex.status = 200
+        await sent.start(200, [*JSON_HEADERS, (b"x-request-id", ex.request_id.encode())])
+        await sent.body(orjson.dumps({"object": "list", "data": list(seen.values())}), more=False)
+
+
+def _parse_json_body(raw: bytes, endpoint: str) -> dict[str, Any]:
+    if not raw:
+        raise BadRequest("request body is empty; send a JSON object")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON ({str(exc).split(':')[0]})") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required and must be a string", param="model")
+    if "stream" in body and not isinstance(body["stream"], bool | None):
+        raise BadRequest("'stream' must be a boolean", param="stream")
+    if endpoint == "chat":
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+            raise BadRequest("'messages' must be an array of message objects", param="messages")
+    return body
+
+
+def _retry_body(raw_body: bytes, pl: ResponsePipeline, ex: Exchange) -> bytes:
+    """The request to send again. With ``retry_guidance`` the validation errors are appended
+    as a system note (chat only); otherwise the identical request."""
+    guidance = [a.finding.message for a in pl.outcome.retry_by
+                if any(e.retry_guidance and e.name == a.finding.detector for e in pl.policy.entries)]
+    if not guidance or ex.endpoint != "chat" or ex.body is None:
+        return raw_body
+    body = dict(ex.body)
+    note = ("Your previous answer was rejected: " + "; ".join(guidance[:5])
+            + ". Answer again and follow the required format exactly.")
+    body["messages"] = [*body.get("messages", []), {"role": "system", "content": note}]
+    return orjson.dumps(body)
+
+
+def _resp_headers(resp: httpx.Response, request_id: str) -> list[tuple[bytes, bytes]]:
+    out = hdrs.response_headers(resp.headers.raw)
+    out = [(k, v) for k, v in out if k.lower() != b"x-request-id"]
+    out.append((b"x-request-id", request_id.encode()))
+    return out
+
+
+class _SendGuard:
+    """Tracks what has been sent so the boundary knows whether an error can still be a status."""
+
+    __slots__ = ("_send", "finished", "started")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+        self.finished = False
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.started = True
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def body(self, data: bytes, more: bool) -> None:
+        if self.finished:
+            return
+        if not more:
+            self.finished = True
+        await self._send({"type": "http.response.body", "body": data, "more_body": more})
+
+
+async def _send_error(sent: _SendGuard, err: ProxyError, request_id: str) -> None:
+    headers = [*JSON_HEADERS, (b"x-request-id", request_id.encode())]
+    headers += [(k.encode(), v.encode()) for k, v in err.headers.items()]
+    await sent.start(err.status, headers)
+    await sent.body(err.to_bytes(), more=False)

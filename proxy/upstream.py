@@ -1,0 +1,59 @@
+"""Pooled upstream clients: one ``httpx.AsyncClient`` per configured upstream.
+
+Redirects are never followed and proxy environment variables are not trusted
+(``trust_env=False``): a request can only ever reach the configured base URL. Read timeouts
+are enforced by the relay (first byte, idle, total) rather than by httpx, so each can be a
+separate knob.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import httpx
+
+from proxy.config import UpstreamConfig
+
+
+@dataclass
+class Upstream:
+    name: str
+    config: UpstreamConfig
+    client: httpx.AsyncClient
+    api_key: str | None
+
+    @classmethod
+    def build(cls, name: str, config: UpstreamConfig) -> Upstream:
+        limits = httpx.Limits(max_connections=config.max_connections,
+                              max_keepalive_connections=config.max_connections, keepalive_expiry=30)
+        timeout = httpx.Timeout(connect=config.connect_timeout_seconds, read=None, write=30.0, pool=10.0)
+        transport = httpx.AsyncHTTPTransport(limits=limits, retries=config.connect_retries)
+        client = httpx.AsyncClient(transport=transport, timeout=timeout, follow_redirects=False,
+                                   trust_env=False)
+        key = os.environ.get(config.api_key_env) if config.api_key_env else None
+        return cls(name=name, config=config, client=client, api_key=key)
+
+    def url(self, path: str, query: bytes) -> httpx.URL:
+        """``path`` is the client's path after ``/v1``; only the path and query are taken from
+        the client, never the scheme, host or port."""
+        suffix = path[3:] if path.startswith("/v1") else path
+        url = httpx.URL(self.config.base_url + suffix)
+        params = httpx.QueryParams(query.decode("latin-1")) if query else httpx.QueryParams()
+        for k, v in self.config.query.items():
+            params = params.set(k, v)
+        return url.copy_with(params=params) if params else url
+
+    def auth_headers(self, client_authorization: str | None, tenants_enabled: bool) -> dict[str, str]:
+        """The upstream credential: the configured key, else (pass-through mode only) the
+        client's own Authorization header. A tenant's proxy key is never forwarded."""
+        if self.api_key:
+            if self.config.auth_header == "authorization":
+                return {"authorization": f"Bearer {self.api_key}"}
+            return {self.config.auth_header: self.api_key}
+        if not tenants_enabled and client_authorization:
+            return {"authorization": client_authorization}
+        return {}
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
