@@ -73,7 +73,7 @@ def detector(**kw: object):
 
 
 def test_registered_name_and_config_is_strict() -> None:
-    assert CONFIGS == {"system_prompt_leak": PromptLeakConfig}
+    assert {"system_prompt_leak": PromptLeakConfig} == CONFIGS
     with pytest.raises(ValidationError):
         PromptLeakConfig(threshold=0.5)  # type: ignore[call-arg]
     with pytest.raises(ValidationError):
