@@ -57,7 +57,7 @@ import time
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -203,7 +203,6 @@ class Plan:
     first_token_s: float
     drop: bool
     prompt_tokens: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _content_text(content: Any, part_types: tuple[str, ...] = ("text",)) -> str:
@@ -229,7 +228,7 @@ def _conversation(endpoint: str, body: dict[str, Any]) -> Conversation:
         parts: tuple[str, ...] = ("text",)
     elif endpoint == "responses":
         raw = body.get("input")
-        items = [{"role": "user", "content": raw}] if isinstance(raw, str) else (raw or [])
+        items = [{"role": "user", "content": raw}] if isinstance(raw, str) else raw if isinstance(raw, list) else []
         parts = ("input_text", "text", "output_text")
         instructions = body.get("instructions")
         if isinstance(instructions, str):
@@ -303,9 +302,7 @@ def _b64_header(headers: dict[str, str], name: str) -> str | None:
     try:
         return base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise SimRequestError(
-            400, f"Header {name} must be base64 of UTF-8 text.", code="invalid_sim_header"
-        ) from None
+        raise SimRequestError(400, f"Header {name} must be base64 of UTF-8 text.", code="invalid_sim_header") from None
 
 
 def _json_header(headers: dict[str, str], name: str) -> Any:
@@ -315,9 +312,7 @@ def _json_header(headers: dict[str, str], name: str) -> Any:
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
-        raise SimRequestError(
-            400, f"Header {name} must be base64 of JSON.", code="invalid_sim_header"
-        ) from None
+        raise SimRequestError(400, f"Header {name} must be base64 of JSON.", code="invalid_sim_header") from None
 
 
 def _number_header(headers: dict[str, str], name: str, default: float) -> float:
@@ -404,9 +399,7 @@ def _completion_logprobs(tokens: list[str], top_n: int, offset: int) -> dict[str
     return {
         "tokens": tokens,
         "token_logprobs": [e["logprob"] for e in entries],
-        "top_logprobs": [{x["token"]: x["logprob"] for x in e["top_logprobs"]} for e in entries]
-        if top_n
-        else None,
+        "top_logprobs": [{x["token"]: x["logprob"] for x in e["top_logprobs"]} for e in entries] if top_n else None,
         "text_offset": offsets,
     }
 
@@ -441,9 +434,7 @@ def _error_type(status: int) -> tuple[str, str | None]:
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> bytes:
     """An OpenAI error object."""
     etype, default_code = _error_type(status)
-    return orjson.dumps(
-        {"error": {"message": message, "type": etype, "param": param, "code": code or default_code}}
-    )
+    return orjson.dumps({"error": {"message": message, "type": etype, "param": param, "code": code or default_code}})
 
 
 def embedding_vector(text: str, dimensions: int) -> list[float]:
@@ -510,8 +501,7 @@ class SimulatorApp:
             {
                 "object": "list",
                 "data": [
-                    {"id": m, "object": "model", "created": 1700000000, "owned_by": "gapwatch-sim"}
-                    for m in SIM_MODELS
+                    {"id": m, "object": "model", "created": 1700000000, "owned_by": "gapwatch-sim"} for m in SIM_MODELS
                 ],
             }
         )
@@ -718,9 +708,7 @@ class SimulatorApp:
             )
             return False
         if model == "sim-error-500":
-            await self._fail(
-                ex, 500, "The server had an error while processing your request. Sorry about that!"
-            )
+            await self._fail(ex, 500, "The server had an error while processing your request. Sorry about that!")
             return False
         return True
 
@@ -743,14 +731,10 @@ class SimulatorApp:
             override = _b64_header(headers, "x-sim-output")
         if endpoint == "completions":
             prompts = _prompts(body)
-            texts = [
-                override if override is not None else scenario_output(model, None, p) or p for p in prompts
-            ]
+            texts = [override if override is not None else scenario_output(model, None, p) or p for p in prompts]
             prompt_chars = sum(len(p) for p in prompts)
         else:
-            text = (
-                override if override is not None else scenario_output(model, conv.system, conv.first_context)
-            )
+            text = override if override is not None else scenario_output(model, conv.system, conv.first_context)
             texts = [conv.last_user if text is None else text]
             prompt_chars = conv.prompt_chars
         tool_calls: list[tuple[str, str]] = []
@@ -762,23 +746,18 @@ class SimulatorApp:
                 ):
                     raise SimRequestError(
                         400,
-                        "Header x-sim-tool-calls must be base64 of a JSON list of "
-                        '{"name": ..., "arguments": ...}.',
+                        'Header x-sim-tool-calls must be base64 of a JSON list of {"name": ..., "arguments": ...}.',
                         code="invalid_sim_header",
                     )
                 for c in calls:
                     args = c.get("arguments", "")
-                    tool_calls.append(
-                        (c["name"], args if isinstance(args, str) else orjson.dumps(args).decode())
-                    )
+                    tool_calls.append((c["name"], args if isinstance(args, str) else orjson.dumps(args).decode()))
             elif "x-sim-tool-call" in headers:
                 tool_calls.append((headers["x-sim-tool-call"], texts[0]))
         if tool_calls:
             finish = "tool_calls"
         else:
-            limit = (
-                body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
-            )
+            limit = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
             if isinstance(limit, int) and limit > 0 and any(estimate_tokens(t) > limit for t in texts):
                 texts = [t[: limit * 4] for t in texts]
                 finish = "length"
@@ -796,9 +775,7 @@ class SimulatorApp:
 
     # -- non-streaming ------------------------------------------------------------------------
 
-    async def _complete(
-        self, ex: _Exchange, endpoint: str, body: dict[str, Any], model: str, plan: Plan
-    ) -> None:
+    async def _complete(self, ex: _Exchange, endpoint: str, body: dict[str, Any], model: str, plan: Plan) -> None:
         if endpoint == "chat":
             payload = _chat_completion(body, model, plan)
         elif endpoint == "completions":
@@ -835,16 +812,16 @@ class SimulatorApp:
         elif isinstance(raw, list) and raw and all(isinstance(x, int) for x in raw):
             inputs = [" ".join(map(str, raw))]
         elif isinstance(raw, list):
-            inputs = [x if isinstance(x, str) else " ".join(map(str, x)) for x in raw]
+            inputs = [
+                x if isinstance(x, str) else " ".join(map(str, x)) if isinstance(x, list) else str(x) for x in raw
+            ]
         else:
             inputs = []
         dims = body.get("dimensions")
         if dims is None:
             dims = 8
         if not isinstance(dims, int) or not 1 <= dims <= 4096:
-            raise SimRequestError(
-                400, "dimensions must be an integer between 1 and 4096.", param="dimensions"
-            )
+            raise SimRequestError(400, "dimensions must be an integer between 1 and 4096.", param="dimensions")
         as_b64 = body.get("encoding_format") == "base64"
         data = []
         for i, text in enumerate(inputs):
@@ -873,9 +850,7 @@ class SimulatorApp:
 
     # -- streaming ----------------------------------------------------------------------------
 
-    async def _stream(
-        self, ex: _Exchange, endpoint: str, body: dict[str, Any], model: str, plan: Plan
-    ) -> None:
+    async def _stream(self, ex: _Exchange, endpoint: str, body: dict[str, Any], model: str, plan: Plan) -> None:
         if endpoint == "chat":
             steps = _chat_stream_steps(body, model, plan)
         elif endpoint == "completions":
@@ -938,13 +913,23 @@ def _validate(endpoint: str, body: dict[str, Any]) -> None:
                 param="messages",
                 code="missing_required_parameter",
             )
-    elif endpoint == "embeddings" and not isinstance(body.get("input"), str | list):
-        raise SimRequestError(
-            400, "Missing required parameter: 'input'.", param="input", code="missing_required_parameter"
-        )
+    elif endpoint == "embeddings":
+        raw = body.get("input")
+        if not isinstance(raw, str | list) or (
+            isinstance(raw, list) and not all(isinstance(x, str | int) or _is_token_list(x) for x in raw)
+        ):
+            raise SimRequestError(
+                400, "'input' must be a string, a list of strings or a list of token arrays.", param="input"
+            )
+    elif endpoint == "responses" and not isinstance(body.get("input", ""), str | list):
+        raise SimRequestError(400, "'input' must be a string or a list of input items.", param="input")
     n = body.get("n", 1)
     if n is not None and (not isinstance(n, int) or not 1 <= n <= 128):
         raise SimRequestError(400, "n must be an integer between 1 and 128.", param="n")
+
+
+def _is_token_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) for t in value)
 
 
 async def _read_body(receive: Receive) -> bytes | None:
@@ -988,6 +973,11 @@ async def _send_json(
 def _n(body: dict[str, Any]) -> int:
     n = body.get("n")
     return n if isinstance(n, int) and n > 0 else 1
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def _top_n(body: dict[str, Any]) -> int:
@@ -1046,9 +1036,7 @@ def _chat_completion(body: dict[str, Any], model: str, plan: Plan) -> dict[str, 
                 "content": [_logprob_entry(t, top_n) for t in _chunks(text, plan.chunk_chars)],
                 "refusal": None,
             }
-        choices.append(
-            {"index": i, "message": message, "logprobs": logprobs, "finish_reason": plan.finish_reason}
-        )
+        choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": plan.finish_reason})
     return {
         "id": _rid("chatcmpl-"),
         "object": "chat.completion",
@@ -1064,7 +1052,7 @@ def _chat_completion(body: dict[str, Any], model: str, plan: Plan) -> dict[str, 
 def _chat_stream_steps(body: dict[str, Any], model: str, plan: Plan) -> list[list[bytes]]:
     """SSE events grouped into steps: the opening, one step per chunk, the closing."""
     n = _n(body)
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    include_usage = _include_usage(body)
     want_logprobs = body.get("logprobs") is True and not plan.tool_calls
     top_n = _top_n(body)
     cid = _rid("chatcmpl-")
@@ -1136,15 +1124,12 @@ def _chat_stream_steps(body: dict[str, Any], model: str, plan: Plan) -> list[lis
             logprobs = {"content": [_logprob_entry(piece, top_n)], "refusal": None} if want_logprobs else None
             steps.append(
                 [
-                    event(
-                        {"index": i, "delta": {"content": piece}, "logprobs": logprobs, "finish_reason": None}
-                    )
+                    event({"index": i, "delta": {"content": piece}, "logprobs": logprobs, "finish_reason": None})
                     for i in range(n)
                 ]
             )
     closing = [
-        event({"index": i, "delta": {}, "logprobs": None, "finish_reason": plan.finish_reason})
-        for i in range(n)
+        event({"index": i, "delta": {}, "logprobs": None, "finish_reason": plan.finish_reason}) for i in range(n)
     ]
     if include_usage:
         closing.append(
@@ -1207,7 +1192,7 @@ def _text_completion(body: dict[str, Any], model: str, plan: Plan) -> dict[str, 
 
 def _completion_stream_steps(body: dict[str, Any], model: str, plan: Plan) -> list[list[bytes]]:
     n = _n(body)
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    include_usage = _include_usage(body)
     top_n = _completion_top_n(body)
     base = {
         "id": _rid("cmpl-"),
@@ -1233,9 +1218,7 @@ def _completion_stream_steps(body: dict[str, Any], model: str, plan: Plan) -> li
             logprobs = _completion_logprobs([pieces[k]], top_n, offset) if top_n is not None else None
             for i in range(n):
                 step.append(
-                    event(
-                        [{"text": pieces[k], "index": p * n + i, "logprobs": logprobs, "finish_reason": None}]
-                    )
+                    event([{"text": pieces[k], "index": p * n + i, "logprobs": logprobs, "finish_reason": None}])
                 )
         steps.append(step)
     closing = [
@@ -1244,9 +1227,7 @@ def _completion_stream_steps(body: dict[str, Any], model: str, plan: Plan) -> li
         for i in range(n)
     ]
     if include_usage:
-        closing.append(
-            b"data: " + orjson.dumps({**base, "choices": [], "usage": _completion_usage(plan, n)}) + b"\n\n"
-        )
+        closing.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": _completion_usage(plan, n)}) + b"\n\n")
     closing.append(b"data: [DONE]\n\n")
     steps.append(closing)
     return steps
@@ -1521,9 +1502,7 @@ def serve_in_thread(host: str = "127.0.0.1", port: int = 0) -> Iterator[RunningS
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    config = uvicorn.Config(
-        app, loop="uvloop", http="httptools", log_level="warning", access_log=False, lifespan="on"
-    )
+    config = uvicorn.Config(app, loop="uvloop", http="httptools", log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="sim-upstream", daemon=True)
     thread.start()

@@ -195,9 +195,7 @@ def test_chat_parallel_tool_calls(client: openai.OpenAI) -> None:
     assert got == [("lookup", '{"q": "a"}'), ("fetch", '{"id": 7}')]
 
     by_index: dict[int, dict[str, str]] = {}
-    for chunk in client.chat.completions.create(
-        model="sim-echo", messages=USER, stream=True, extra_headers=headers
-    ):
+    for chunk in client.chat.completions.create(model="sim-echo", messages=USER, stream=True, extra_headers=headers):
         for c in chunk.choices:
             for t in c.delta.tool_calls or []:
                 slot = by_index.setdefault(t.index, {"name": "", "arguments": "", "id": ""})
@@ -228,9 +226,7 @@ def test_chat_logprobs_deterministic(client: openai.OpenAI) -> None:
     for t in content:
         assert t.logprob <= 0 and t.bytes == list(t.token.encode())
         assert len(t.top_logprobs) == 3
-        assert [x.logprob for x in t.top_logprobs] == sorted(
-            (x.logprob for x in t.top_logprobs), reverse=True
-        )
+        assert [x.logprob for x in t.top_logprobs] == sorted((x.logprob for x in t.top_logprobs), reverse=True)
         assert t.token in {x.token for x in t.top_logprobs}
 
     stream = client.chat.completions.create(
@@ -383,9 +379,7 @@ def test_sim_error_500(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize(("status", "exc"), [(429, openai.RateLimitError), (503, openai.InternalServerError)])
 def test_status_header_with_retry_after(client: openai.OpenAI, status: int, exc: type[Exception]) -> None:
     with pytest.raises(exc) as info:
-        client.chat.completions.create(
-            model="sim-echo", messages=USER, extra_headers={"x-sim-status": str(status)}
-        )
+        client.chat.completions.create(model="sim-echo", messages=USER, extra_headers={"x-sim-status": str(status)})
     err = info.value
     assert isinstance(err, openai.APIStatusError) and err.status_code == status
     assert err.response.headers["retry-after"] == "7"
@@ -405,20 +399,14 @@ def test_malformed_json_is_400(raw: httpx.Client) -> None:
     assert raw.post("/nope", json={}).status_code == 404
     assert raw.get("/chat/completions").status_code == 405
     assert (
-        raw.post(
-            "/chat/completions", json={"model": "m", "messages": []}, headers={"x-sim-output": "%%"}
-        ).status_code
+        raw.post("/chat/completions", json={"model": "m", "messages": []}, headers={"x-sim-output": "%%"}).status_code
         == 400
     )
 
 
-def test_sim_drop_streaming_breaks_connection(
-    client: openai.OpenAI, raw: httpx.Client, sim: RunningSimulator
-) -> None:
+def test_sim_drop_streaming_breaks_connection(client: openai.OpenAI, raw: httpx.Client, sim: RunningSimulator) -> None:
     headers = {"x-sim-output": b64("0123456789abcdefghij"), "x-sim-chunk-chars": "2"}
-    stream = client.chat.completions.create(
-        model="sim-drop", messages=USER, stream=True, extra_headers=headers
-    )
+    stream = client.chat.completions.create(model="sim-drop", messages=USER, stream=True, extra_headers=headers)
     got = []
     with pytest.raises(openai.APIConnectionError):
         for chunk in stream:
@@ -429,9 +417,7 @@ def test_sim_drop_streaming_breaks_connection(
     received = bytearray()
     with (
         pytest.raises(httpx.RemoteProtocolError),
-        raw.stream(
-            "POST", "/chat/completions", json={"model": "sim-drop", "messages": USER, "stream": True}
-        ) as r,
+        raw.stream("POST", "/chat/completions", json={"model": "sim-drop", "messages": USER, "stream": True}) as r,
     ):
         for part in r.iter_raw():
             received += part
@@ -473,9 +459,7 @@ def test_client_disconnect_is_recorded(sim: RunningSimulator) -> None:
 def test_delay_paces_chunks(raw: httpx.Client) -> None:
     headers = {"x-sim-delay-ms": "20", "x-sim-output": b64("abcdefghijkl")}
     t0 = time.perf_counter()
-    r = raw.post(
-        "/chat/completions", json={"model": "sim-echo", "messages": USER, "stream": True}, headers=headers
-    )
+    r = raw.post("/chat/completions", json={"model": "sim-echo", "messages": USER, "stream": True}, headers=headers)
     assert time.perf_counter() - t0 >= 0.08  # 3 content chunks + closing, 20 ms apart
     assert (
         "".join(json.loads(d)["choices"][0]["delta"].get("content") or "" for d in sse_data(r.text)[:-1])
@@ -516,9 +500,7 @@ def test_gzip(raw: httpx.Client, client: openai.OpenAI) -> None:
     with raw.stream("POST", "/chat/completions", json=body, headers={"x-sim-gzip": "1"}) as s:
         compressed = b"".join(s.iter_raw())
     assert orjson.loads(gzip.decompress(compressed))["object"] == "chat.completion"
-    assert client.chat.completions.create(
-        model="sim-echo", messages=USER, extra_headers={"x-sim-gzip": "1"}
-    ).choices
+    assert client.chat.completions.create(model="sim-echo", messages=USER, extra_headers={"x-sim-gzip": "1"}).choices
 
 
 def test_request_ring(raw: httpx.Client, client: openai.OpenAI) -> None:
@@ -609,26 +591,44 @@ def test_scenario_json_models(client: openai.OpenAI) -> None:
 def test_scenario_grounded_and_system_leak(client: openai.OpenAI) -> None:
     system = "Use this context. The Rhine flows through six countries and is 1,230 km long. Answer briefly."
     messages = [{"role": "system", "content": system}, {"role": "user", "content": "How long is the Rhine?"}]
-    grounded = (
-        client.chat.completions.create(model="sim-grounded", messages=messages).choices[0].message.content
-    )
+    grounded = client.chat.completions.create(model="sim-grounded", messages=messages).choices[0].message.content
     assert (
-        grounded
-        == 'Based on the context you provided: "The Rhine flows through six countries and is 1,230 km long."'
+        grounded == 'Based on the context you provided: "The Rhine flows through six countries and is 1,230 km long."'
     )
-    leak = (
-        client.chat.completions.create(model="sim-system-leak", messages=messages).choices[0].message.content
-    )
+    leak = client.chat.completions.create(model="sim-system-leak", messages=messages).choices[0].message.content
     assert leak is not None and leak.endswith(system) and leak != system
     no_system = client.chat.completions.create(
         model="sim-grounded", messages=[{"role": "user", "content": "Quote me."}]
     )
     assert no_system.choices[0].message.content == 'Based on the context you provided: "Quote me."'
-    ungrounded = (
-        client.chat.completions.create(model="sim-ungrounded", messages=messages).choices[0].message.content
-    )
+    ungrounded = client.chat.completions.create(model="sim-ungrounded", messages=messages).choices[0].message.content
     assert ungrounded is not None and "1,230" not in ungrounded and re.search(r"\d", ungrounded)
 
 
 def test_healthz(raw: httpx.Client, sim: RunningSimulator) -> None:
     assert httpx.get(f"http://{sim.host}:{sim.port}/healthz").json() == {"status": "ok"}
+
+
+ODD_VALUES = [None, True, 0, -1, 3.5, "x", [], {}, [1, "a", None], {"a": 1}, [{"type": "text"}], [{"role": "user"}]]
+ODD_FIELDS = {
+    "/v1/chat/completions": ["messages", "n", "stream_options", "logprobs", "top_logprobs", "max_tokens", "model"],
+    "/v1/completions": ["prompt", "n", "logprobs", "max_tokens", "stream_options"],
+    "/v1/responses": ["input", "instructions", "include", "top_logprobs", "max_output_tokens", "tools", "text"],
+    "/v1/embeddings": ["input", "dimensions", "encoding_format"],
+}
+
+
+async def test_odd_field_values_never_500() -> None:
+    """Wrong types get a 400 or are ignored, never a crash (the proxy's error tests rely on it)."""
+    transport = httpx.ASGITransport(app=create_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://sim") as c:
+        for path, fields in ODD_FIELDS.items():
+            for name in fields:
+                for value in ODD_VALUES:
+                    for model in ("sim-echo", "sim-grounded"):
+                        body = {"model": model, "messages": USER, "input": "hi", "prompt": "hi", "stream": True}
+                        body[name] = value
+                        r = await c.post(path, json=body)
+                        assert r.status_code in (200, 400), (path, name, value, r.text)
+                        if r.status_code == 400:
+                            assert r.json()["error"]["type"] == "invalid_request_error"
