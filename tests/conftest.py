@@ -82,3 +82,24 @@ def start_proxy(sim: ThreadServer) -> Iterator[Callable[..., RunningProxy]]:
 
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
+
+
+def eventually(fn: Callable[[], Any], timeout: float = 3.0) -> Any:
+    """Poll ``fn`` until it returns a truthy value: side effects run after the response."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.01)
+
+
+def metric_value(registry: Any, name: str, **labels: str) -> float:
+    total = 0.0
+    for m in registry.collect():
+        for s in m.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total

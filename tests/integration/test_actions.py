@@ -1,0 +1,145 @@
+"""Policy actions end to end with the official SDK: annotate, redact, block, retry, shadow."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import b64, eventually, metric_value, proxy_config
+
+CODENAME = {"regex": {"action": "block", "patterns": {"codename": "(?i)blue\\s*falcon"}}}
+
+
+def policy(sim, detectors, **extra):
+    return proxy_config(sim.url, policies={"default": {"detectors": detectors, **extra}})
+
+
+def out(text):
+    return {"x-sim-output": b64(text)}
+
+
+def stream_text(client, headers, **kw):
+    parts, finish = [], None
+    for chunk in client.chat.completions.create(model="sim-echo", stream=True, extra_headers=headers,
+                                                messages=[{"role": "user", "content": "q"}], **kw):
+        for c in chunk.choices:
+            parts.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    return "".join(parts), finish
+
+
+def test_annotate_non_streaming_header(start_proxy, sim):
+    p = start_proxy(policy(sim, {"regex": {"action": "annotate", "patterns": {"codename": "blue falcon"}}}))
+    raw = p.client().chat.completions.with_raw_response.create(
+        model="sim-echo", messages=[{"role": "user", "content": "q"}], extra_headers=out("it is blue falcon."))
+    summary = json.loads(raw.headers["x-gapwatch-findings"])
+    assert summary == [{"detector": "regex", "category": "codename", "severity": "high", "action": "annotate"}]
+    assert raw.parse().choices[0].message.content == "it is blue falcon."
+
+
+def test_annotate_streaming_comment_lines(start_proxy, sim):
+    p = start_proxy(policy(sim, {"regex": {"action": "annotate", "patterns": {"codename": "blue falcon"}}}))
+    body = {"model": "sim-echo", "stream": True, "messages": [{"role": "user", "content": "q"}]}
+    raw = httpx.post(f"{p.base_url}/chat/completions", json=body, headers=out("it is blue falcon, ok")).text
+    assert ': gapwatch {"findings":[{"detector":"regex","category":"codename"' in raw
+    text, finish = stream_text(p.client(), out("it is blue falcon, ok"))
+    assert text == "it is blue falcon, ok" and finish == "stop"
+
+
+@pytest.mark.parametrize("chunk", ["1", "3", "50"])
+def test_redact_streaming_split_across_chunks(start_proxy, sim, chunk):
+    det = {"regex": {"action": "redact", "patterns": {"codename": "(?i)blue\\s*falcon"}}}
+    p = start_proxy(policy(sim, det))
+    secret_text = "Project Blue Falcon launches. Also blue  falcon again."
+    text, finish = stream_text(p.client(), {**out(secret_text), "x-sim-chunk-chars": chunk})
+    assert text == "Project [REDACTED:codename] launches. Also [REDACTED:codename] again."
+    assert finish == "stop"
+
+
+def test_redact_non_streaming(start_proxy, sim):
+    p = start_proxy(policy(sim, {"regex": {"action": "redact", "patterns": {"codename": "blue falcon"}}}))
+    r = p.client().chat.completions.create(model="sim-echo", messages=[{"role": "user", "content": "q"}],
+                                           extra_headers=out("say blue falcon now"))
+    assert r.choices[0].message.content == "say [REDACTED:codename] now"
+
+
+def test_block_non_streaming(start_proxy, sim):
+    p = start_proxy(policy(sim, CODENAME))
+    with pytest.raises(openai.BadRequestError) as ei:
+        p.client().chat.completions.create(model="sim-echo", messages=[{"role": "user", "content": "q"}],
+                                           extra_headers=out("the blue falcon plan"))
+    err = ei.value.body
+    assert err["code"] == "output_blocked" and err["detectors"] == ["regex"]
+    assert "falcon" not in json.dumps(err).lower()
+
+
+def test_block_streaming_ends_with_content_filter_and_error(start_proxy, sim):
+    p = start_proxy(policy(sim, CODENAME))
+    seen, finishes = [], []
+    with pytest.raises(openai.APIError) as ei:
+        for chunk in p.client().chat.completions.create(
+                model="sim-echo", stream=True, messages=[{"role": "user", "content": "q"}],
+                extra_headers={**out("harmless start. then blue falcon appears. tail"), "x-sim-chunk-chars": "2"}):
+            for c in chunk.choices:
+                seen.append(c.delta.content or "")
+                if c.finish_reason:
+                    finishes.append(c.finish_reason)
+    assert finishes == ["content_filter"]
+    assert ei.value.body["code"] == "output_blocked"
+    assert "falcon" not in "".join(seen).lower() and "blue" not in "".join(seen).lower()
+
+
+def test_block_tool_call(start_proxy, sim):
+    det = {"regex": {"action": "block", "patterns": {"rm": "rm\\s+-rf"}}}
+    p = start_proxy(policy(sim, det))
+    tools = [{"type": "function", "function": {"name": "shell", "parameters": {"type": "object"}}}]
+    with pytest.raises(openai.BadRequestError):
+        p.client().chat.completions.create(model="sim-echo", tools=tools, messages=[{"role": "user", "content": "q"}],
+                                           extra_headers={**out('{"cmd": "rm -rf /"}'), "x-sim-tool-call": "shell"})
+
+
+def test_retry_non_streaming_then_success(start_proxy, sim):
+    det = {"regex": {"action": "retry", "max_attempts": 3, "patterns": {"bad": "BAD"}}}
+    p = start_proxy(policy(sim, det))
+    seq = {"x-sim-sequence": "retry-1", "x-sim-outputs": b64(json.dumps(["BAD one", "BAD two", "good three"]))}
+    r = p.client().chat.completions.create(model="sim-echo", messages=[{"role": "user", "content": "q"}],
+                                           extra_headers=seq)
+    assert r.choices[0].message.content == "good three"
+
+
+def test_retry_exhausted_falls_back_to_block(start_proxy, sim):
+    det = {"regex": {"action": "retry", "max_attempts": 2, "then": "block", "patterns": {"bad": "BAD"}}}
+    p = start_proxy(policy(sim, det))
+    seq = {"x-sim-sequence": "retry-2", "x-sim-outputs": b64(json.dumps(["BAD", "BAD", "fine"]))}
+    with pytest.raises(openai.BadRequestError):
+        p.client().chat.completions.create(model="sim-echo", messages=[{"role": "user", "content": "q"}],
+                                           extra_headers=seq)
+
+
+def test_retry_buffered_stream(start_proxy, sim):
+    det = {"regex": {"action": "retry", "max_attempts": 3, "patterns": {"bad": "BAD"}}}
+    p = start_proxy(policy(sim, det, buffer="full"))
+    seq = {"x-sim-sequence": "retry-3", "x-sim-outputs": b64(json.dumps(["BAD answer", "clean answer"]))}
+    text, finish = stream_text(p.client(), seq)
+    assert text == "clean answer" and finish == "stop"
+
+
+def test_shadow_mode_changes_nothing(start_proxy, sim):
+    p = start_proxy(policy(sim, CODENAME, shadow=True))
+    text, finish = stream_text(p.client(), out("the blue falcon plan"))
+    assert text == "the blue falcon plan" and finish == "stop"
+    assert eventually(lambda: metric_value(p.metrics.registry, "gapwatch_findings_total",
+                                           detector="regex", action="observe") == 1)
+
+
+def test_banned_substrings_and_max_chars(start_proxy, sim):
+    det = {"banned_substrings": {"action": "redact", "substrings": ["Acme Internal"]},
+           "max_output_chars": {"action": "block", "max_chars": 40}}
+    p = start_proxy(policy(sim, det))
+    text, _ = stream_text(p.client(), out("see ACME internal docs"))
+    assert text == "see [REDACTED:banned] docs"
+    with pytest.raises(openai.APIError):
+        stream_text(p.client(), out("x" * 100))

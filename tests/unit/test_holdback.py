@@ -1,0 +1,124 @@
+"""Hold-back window property: with hold-back >= the pattern length, no byte of a secret ever
+reaches the client, whatever the chunking, and every other byte arrives in order, unchanged."""
+
+from __future__ import annotations
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detectors.base import RequestContext
+from proxy.config import load_dict
+from proxy.exchange import Exchange
+from proxy.pipeline import Policy, ResponsePipeline
+from proxy.relay import StreamRelay
+from proxy.sse import SSEParser
+
+SECRET = "TOPSECRET-7f3a9c"
+
+
+def build_policy(action: str, holdback: int | str = "auto") -> Policy:
+    cfg = load_dict({
+        "upstreams": {"u": {"base_url": "http://127.0.0.1:1/v1"}},
+        "routes": [{"upstream": "u"}],
+        "policies": {"default": {"holdback_chars": holdback, "detectors": {
+            "regex": {"action": action, "patterns": {"secret": "TOPSECRET-[0-9a-f]{6}"}, "max_match_chars": 16}}}},
+    })
+    return Policy.build("default", cfg.config.policies["default"], cfg.detectors["default"])
+
+
+def sse_stream(pieces: list[str]) -> bytes:
+    out = bytearray()
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    out += b"data: " + orjson.dumps({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                          "finish_reason": None}]}) + b"\n\n"
+    for p in pieces:
+        out += b"data: " + orjson.dumps({**base, "choices": [{"index": 0, "delta": {"content": p},
+                                                              "finish_reason": None}]}) + b"\n\n"
+    out += b"data: " + orjson.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}) + b"\n\n"
+    out += b"data: [DONE]\n\n"
+    return bytes(out)
+
+
+def relay(policy: Policy, stream: bytes, read_sizes: list[int]) -> tuple[bytes, list[str]]:
+    ex = Exchange(request_id="r", method="POST", path="/v1/chat/completions", endpoint="chat")
+    pl = ResponsePipeline(policy, RequestContext())
+    r = StreamRelay(ex, pl, policy.rewrites)
+    parser = SSEParser()
+    client = bytearray()
+    i = 0
+    sizes = iter(read_sizes)
+    while i < len(stream):
+        n = next(sizes, 64)
+        for ev in parser.feed(stream[i : i + n]):
+            client += r.on_event(ev, 0.0)
+        i += n
+    for ev in parser.flush():
+        client += r.on_event(ev, 0.0)
+    tail, _clean = r.on_eof()
+    client += tail
+    texts = []
+    for ev in SSEParser().feed(bytes(client)):
+        if ev.data and ev.data != "[DONE]":
+            obj = orjson.loads(ev.data)
+            for c in obj.get("choices", []):
+                texts.append(c.get("delta", {}).get("content") or "")
+    return bytes(client), texts
+
+
+filler = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="T"), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(before=filler, after=filler, cuts=st.lists(st.integers(1, 9), min_size=1, max_size=40),
+       reads=st.lists(st.integers(1, 300), min_size=1, max_size=40))
+def test_redact_never_leaks_and_keeps_the_rest(before, after, cuts, reads):
+    text = before + SECRET + after
+    pieces, i = [], 0
+    for c in cuts:
+        if i >= len(text):
+            break
+        pieces.append(text[i : i + c])
+        i += c
+    if i < len(text):
+        pieces.append(text[i:])
+    client_bytes, texts = relay(build_policy("redact"), sse_stream(pieces), reads)
+    received = "".join(texts)
+    assert received == before + "[REDACTED:secret]" + after
+    # not even a prefix of the secret beyond what the filler could contain
+    assert b"TOPSECRET" not in client_bytes
+
+
+@settings(max_examples=200, deadline=None)
+@given(before=filler, cuts=st.lists(st.integers(1, 9), min_size=1, max_size=40))
+def test_block_never_leaks(before, cuts):
+    text = before + SECRET + " tail"
+    pieces, i = [], 0
+    for c in cuts:
+        if i >= len(text):
+            break
+        pieces.append(text[i : i + c])
+        i += c
+    if i < len(text):
+        pieces.append(text[i:])
+    client_bytes, texts = relay(build_policy("block"), sse_stream(pieces), [50])
+    received = "".join(texts)
+    assert "T" not in received[len(before):]
+    assert received == before[: len(received)]
+    assert b"output_blocked" in client_bytes and b'"finish_reason":"content_filter"' in client_bytes
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=filler, cuts=st.lists(st.integers(1, 9), min_size=1, max_size=30))
+def test_observe_only_is_byte_identical(text, cuts):
+    pieces, i = [], 0
+    for c in cuts:
+        if i >= len(text):
+            break
+        pieces.append(text[i : i + c])
+        i += c
+    stream = sse_stream(pieces)
+    policy = build_policy("observe")
+    assert policy.holdback_chars == 0 and not policy.rewrites
+    client_bytes, _ = relay(policy, stream, [7])
+    assert client_bytes == stream
