@@ -103,9 +103,9 @@ class MemoryFingerprintIndex:
     Why generations: entries live in ``generations`` dicts of ``hash -> tenant bitmask``, each
     covering ``ttl_seconds / (generations - 1)`` of time. Expiry drops a whole dict (no per-entry
     timestamps, about 100 bytes per entry), a lookup is a handful of dict probes, and
-    re-registering a shingle simply puts it in the current generation. An entry lives between
-    ``ttl_seconds`` and ``ttl_seconds * generations / (generations - 1)``. When more than
-    ``max_entries`` are held, the oldest generation is dropped early.
+    re-registering a shingle simply puts it in the current generation. An entry lives at least
+    ``ttl_seconds`` and at most one generation span longer. When more than ``max_entries`` are
+    held, the oldest generation is dropped early.
     """
 
     def __init__(self, ttl_seconds: float = 86400.0, max_entries: int = 1_000_000,
@@ -160,8 +160,9 @@ class MemoryFingerprintIndex:
     def _rotate(self, now: float) -> None:
         if now >= self._gens[-1][0] + self._span:
             self._gens.append((now, {}))
-        # a generation ends when the next begins; drop it once its last entry is ttl old
-        while len(self._gens) > 1 and self._gens[1][0] + self._ttl <= now:
+        # a generation takes entries for at most one span: drop it once its last possible
+        # entry is ttl old (a fresh current generation is never dropped here)
+        while self._gens[0][0] + self._span + self._ttl <= now:
             self._gens.popleft()
 
     def _evict(self) -> None:
