@@ -373,7 +373,13 @@ def load_dict(raw: Any, env: Mapping[str, str] | None = None) -> LoadedConfig:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(problems + _pydantic_problems(exc)) from None
+        problems += _pydantic_problems(exc)
+        for pname, praw in policies_raw.items():  # report detector problems in the same run
+            dets = praw.get("detectors") if isinstance(praw, dict) else None
+            if isinstance(dets, dict):
+                for dname, draw in dets.items():
+                    build_detector_entry(str(pname), str(dname), draw, problems)
+        raise ConfigError(problems) from None
     _check_references(cfg, problems)
     entries: dict[str, tuple[DetectorEntry, ...]] = {}
     for pname, policy in cfg.policies.items():
