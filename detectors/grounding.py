@@ -283,7 +283,7 @@ _CONNECTORS = frozenset({"of", "the", "de", "la", "le", "du", "da", "del", "der"
 _TITLES = frozenset({"mr", "mrs", "ms", "dr", "prof", "professor", "president", "king", "queen",
                      "prince", "princess", "sir", "lord", "lady", "saint", "st", "general",
                      "captain", "senator", "governor", "pope", "rev", "reverend", "mount", "mt",
-                     "lake", "river", "jr", "sr"})
+                     "lake", "river", "jr", "sr"}) | frozenset(_data_lines("generic_caps.txt"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,7 +386,8 @@ class Evidence:
     stems: set[str] = field(default_factory=set)
     numbers: list[float] = field(default_factory=list)  # sorted
     months: set[int] = field(default_factory=set)
-    acronyms: set[str] = field(default_factory=set)
+    raw: str = ""  # the context as sent, for look-ups that need its capitals
+    _acronyms: set[str] | None = None
     doc_ids: set[str] = field(default_factory=set)
     text: str = ""  # casefolded, whitespace collapsed: URL and doc-id look-ups
     phrase: str = " "  # folded words joined by single spaces: quote look-ups
@@ -398,11 +399,13 @@ class Evidence:
         blocks = [p for p in parts if p and p.strip()]
         joined = "\n\n".join(blocks)
         ev.chars = len(joined)
-        toks = _tokens(joined)
-        ev.words = {t for t, _, _ in toks}
+        low = joined.lower() if joined.isascii() else normalise(joined)
+        words = [w[:-2] if w.endswith("'s") else w for w in _WORD.findall(low)]
+        ev.raw = joined
+        ev.words = set(words)
         ev.stems = {stem(w) for w in ev.words if w not in STOPWORDS}
-        ev.phrase = " " + " ".join(t for t, _, _ in toks) + " "
-        ev.text = " ".join(normalise(joined).split())
+        ev.phrase = " " + " ".join(words) + " "
+        ev.text = " ".join(low.split())
         nums: set[float] = set()
         for num in _digit_numbers(joined):
             nums.add(num.value)
@@ -412,7 +415,8 @@ class Evidence:
             if v.is_integer() and 1000 <= v <= 2100:  # a year: its decade and century too
                 nums.add(v // 10 * 10)
                 nums.add(v // 100 + 1)
-        nums.update(n.value for n in _word_numbers(toks))
+        if not ev.words.isdisjoint(_NUMBER_WORDS):
+            nums.update(n.value for n in _word_numbers([(w, 0, 0) for w in words]))
         ev.numbers = sorted(nums)
         for m in _DATE_MONTH.finditer(joined):
             ev.months.add(_MONTHS[(m.group("m") or m.group("m2")).lower()])
@@ -421,24 +425,32 @@ class Evidence:
             for g in m.groups():
                 if g and 1 <= int(g) <= 12:
                     ev.months.add(int(g))
-        # acronyms: initials of capitalised runs ("National Aeronautics and Space Administration")
-        run: list[str] = []
-        for m in _WORD.finditer(joined + " ."):
-            w = m.group()
-            if w[:1].isupper():
-                run.append(w[0].lower())
-                continue
-            if w.lower() in _CONNECTORS and run:
-                continue
-            if len(run) >= 2:
-                ev.acronyms.add("".join(run))
-            run = []
         for m in _CONTEXT_IDS.finditer(joined):
             ident = next(g for g in m.groups() if g)
             ev.doc_ids.add(ident.lower().lstrip("0") or "0")
         k = len(blocks)
         ev.doc_ids.update(str(i) for i in range(k + 1))
         return ev
+
+    @property
+    def acronyms(self) -> set[str]:
+        """Initials of capitalised runs ("National Aeronautics and Space Administration" ->
+        "nasa"), computed on first use: most answers have no all-capital word."""
+        if self._acronyms is None:
+            acr: set[str] = set()
+            run: list[str] = []
+            for m in _WORD.finditer(self.raw + " ."):
+                w = m.group()
+                if w[:1].isupper():
+                    run.append(w[0].lower())
+                    continue
+                if w.lower() in _CONNECTORS and run:
+                    continue
+                if len(run) >= 2:
+                    acr.add("".join(run))
+                run = []
+            self._acronyms = acr
+        return self._acronyms
 
     def has_number(self, num: _Num) -> bool:
         values = [num.value, num.value / 100] if num.percent else [num.value]
@@ -491,7 +503,7 @@ class GroundingConfig(DetectorConfig):
     min_context_chars: int = 64
     max_context_chars: int = 400_000
     checks: tuple[str, ...] = _CATEGORIES
-    threshold: float = 0.5
+    threshold: float = 0.8
     min_sentence_support: float = 0.5
     min_content_words: int = 4
     claim_penalty: float = 0.35
@@ -631,7 +643,9 @@ class GroundingDetector(Detector):
         if prepared.context is None or prepared.sentences == 0:
             return None
         lexical = prepared.supported_words / prepared.content_words if prepared.content_words else 1.0
-        return lexical * (1.0 - self.cfg.claim_penalty) ** prepared.unsupported_claims
+        lexical = 1.0 - (1.0 - lexical) ** 2
+        penalties = prepared.unsupported_claims + prepared.low_support
+        return lexical * (1.0 - self.cfg.claim_penalty) ** penalties
 
     def response_metrics(self, prepared: GroundingResponse) -> dict[str, float]:
         """Numbers for the reliability scorecard; empty when there was no context."""
@@ -832,11 +846,13 @@ class GroundingDetector(Detector):
                     initial = False
                 if initial and len(run) == 1 and not fragment:
                     continue
-            key = [w for w in words if w not in _CONNECTORS and w not in _TITLES and len(w) > 1
-                   and w not in _MONTHS and w not in _DAYS and w not in STOPWORDS and not w.isdigit()]
+            key = [(w, text[toks[r][1] : toks[r][2]].isupper()) for r, w in zip(run, words, strict=True)
+                   if w not in _CONNECTORS and w not in _TITLES and len(w) > 1 and w not in _MONTHS
+                   and w not in _DAYS and w not in STOPWORDS and not w.isdigit()]
             if not key:
                 continue
-            missing = [w for w in key if not (ev.has_word(w) or echo.has_word(w) or w in ev.acronyms)]
+            missing = [w for w, caps in key
+                       if not (ev.has_word(w) or echo.has_word(w) or (caps and w in ev.acronyms))]
             if missing:
                 out.append(_Claim("entity", toks[run[0]][1], toks[run[-1]][2], "name"))
         return out
