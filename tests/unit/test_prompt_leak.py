@@ -226,8 +226,11 @@ def test_junk_and_huge_words_are_bounded() -> None:
     assert run(detector(), ctx_for(), text)[-1].attrs["overlap_fraction"] == 1.0
 
 
-def test_tokenizer_matches_whole_text_under_random_splits() -> None:
-    alphabet = ["a", "B", "'", "\u2019", " ", ",", "\u200b", "\u0301", "中", "か", "_", "1", "é"]
+@pytest.mark.parametrize("alphabet", [
+    ["a", "B", "'", "\u2019", " ", ",", "\u200b", "\u0301", "中", "か", "_", "1", "é"],
+    ["a", "B", "'", " ", ",", "_", "1", "\n"],  # ASCII takes a faster pattern: same tokens
+])
+def test_tokenizer_matches_whole_text_under_random_splits(alphabet: list[str]) -> None:
     rng = random.Random(3)
     for _ in range(300):
         text = "".join(rng.choices(alphabet, k=rng.randint(0, 200)))
@@ -265,3 +268,18 @@ def test_finish_is_idempotent_and_truncation_still_reports() -> None:
     findings += state.finish(Channel(), StreamEnd(truncated=True))
     assert [f.attrs["stage"] for f in findings] == ["threshold", "final"]
     assert state.finish(Channel(), StreamEnd()) == []
+
+
+def test_user_text_is_hashed_only_when_the_output_matches() -> None:
+    """Apps paste thousands of words of context into the user turn: hashing it for every
+    response would cost milliseconds; it is only needed once the output matches the prompt."""
+    det = detector()
+    c = ctx_for(user="Context: " + ANSWER * 50)
+    prepared = det.prepare(c)
+    assert prepared is not None
+    state = det.open_channel(prepared, Channel())
+    assert state is not None
+    state.feed(PARAPHRASE)
+    state.finish(StreamEnd())
+    assert prepared.prompt is None
+    assert run(det, c, DUMP)
