@@ -27,7 +27,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
@@ -39,6 +38,7 @@ from detectors.base import (
     Detector,
     DetectorConfig,
     Finding,
+    Message,
     RequestContext,
     Severity,
     StreamEnd,
@@ -195,11 +195,27 @@ class CrossTenantConfig(DetectorConfig):
     lookback_chars: int = Field(0, ge=0)
 
 
-@dataclass(frozen=True, slots=True)
 class _Prepared:
-    tenant: str
-    index: FingerprintIndex
-    own: frozenset[int]
+    """Per-response facts. ``own`` (every shingle of this request's messages) is computed on
+    the first shingle another tenant owns: most responses have none, and hashing long pasted
+    context for every request would cost milliseconds. It depends only on the request, so
+    when it is computed changes no finding."""
+
+    __slots__ = ("_k", "_messages", "_own", "index", "tenant")
+
+    def __init__(self, tenant: str, index: FingerprintIndex, messages: tuple[Message, ...],
+                 k: int) -> None:
+        self.tenant = tenant
+        self.index = index
+        self._messages = messages
+        self._k = k
+        self._own: frozenset[int] | None = None
+
+    @property
+    def own(self) -> frozenset[int]:
+        if self._own is None:
+            self._own = frozenset().union(*(shingle_set(m.text, self._k) for m in self._messages))
+        return self._own
 
 
 class CrossTenantDetector(Detector):
@@ -226,9 +242,7 @@ class CrossTenantDetector(Detector):
         index = ctx.shared.get(NAME)
         if not ctx.tenant or index is None:
             return None
-        k = self.cfg.shingle_words
-        own = frozenset().union(*(shingle_set(m.text, k) for m in ctx.messages))
-        return _Prepared(ctx.tenant, index, own)
+        return _Prepared(ctx.tenant, index, ctx.messages, self.cfg.shingle_words)
 
     def open_channel(self, prepared: _Prepared | None, channel: Channel) -> ChannelState | None:
         if prepared is None:
@@ -265,12 +279,12 @@ class _CrossTenantState(ChannelState):
         out: list[Finding] = []
         cfg, p, tracks = self._det.cfg, self._p, self._tracks
         for sh in shingles:
-            if sh[0] in p.own:
-                continue
             owners = p.index.owners(sh[0])
             if not owners or p.tenant in owners:
                 continue
             if cfg.common_owner_count and len(owners) >= cfg.common_owner_count:
+                continue
+            if sh[0] in p.own:
                 continue
             for tenant in sorted(owners):
                 track = tracks.get(tenant)
