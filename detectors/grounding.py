@@ -211,7 +211,6 @@ _UNITS = {
     "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14,
     "fifteen": 15, "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20,
     "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90,
-    "dozen": 12,
 }
 _ORDINALS = {
     "first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7,
@@ -220,7 +219,7 @@ _ORDINALS = {
     "nineteenth": 19, "twentieth": 20, "thirtieth": 30, "fortieth": 40, "fiftieth": 50,
     "hundredth": 100, "thousandth": 1000,
 }
-_SCALES = {"hundred": 100, "thousand": 1_000, "million": 1_000_000, "billion": 1_000_000_000,
+_SCALES = {"dozen": 12, "hundred": 100, "thousand": 1_000, "million": 1_000_000, "billion": 1_000_000_000,
            "trillion": 1_000_000_000_000}
 _NUMBER_WORDS = frozenset(_UNITS) | frozenset(_ORDINALS) | frozenset(_SCALES)
 # Number words the answer may use without a matching number in the context: they are idioms
@@ -242,11 +241,11 @@ _NUMBER = re.compile(
     r"(?P<cur>[$€£¥₹]\s?)?"
     r"(?<![\w.,])(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?![\d,]\d)"
     r"(?P<suf>(?:st|nd|rd|th|s)\b)?"
-    r"(?:\s*(?P<scale>hundred|thousand|million|billion|trillion|bn|mn|mln|k)\b)?"
+    r"(?:\s*(?P<scale>hundred|thousand|million|billion|trillion|bn|mn|mln|k|m)\b)?"
     r"(?:\s*(?P<pct>%|percent\b|per\s*cent\b))?",
     re.IGNORECASE,
 )
-_SCALE_SUFFIX = {"hundred": 100, "thousand": 1e3, "k": 1e3, "million": 1e6, "mn": 1e6, "mln": 1e6,
+_SCALE_SUFFIX = {"hundred": 100, "thousand": 1e3, "k": 1e3, "m": 1e6, "million": 1e6, "mn": 1e6, "mln": 1e6,
                  "billion": 1e9, "bn": 1e9, "trillion": 1e12}
 _DATE_MONTH = re.compile(
     rf"\b(?P<m>{_MONTH_ALT})\.?\s+(?:\d{{1,2}}(?:st|nd|rd|th)?\b|\d{{4}}\b)"
@@ -317,6 +316,8 @@ def _digit_numbers(text: str) -> list[_Num]:
         tol = 0.0
         if "." in raw:
             tol = 0.5 * 10 ** -len(raw.rsplit(".", 1)[1])  # "3.5" stands for [3.45, 3.55)
+        if scale and scale.lower() == "m" and not m.group("cur"):
+            scale = None  # "5 m" is five metres; "$5m" is five million
         if scale:
             value *= _SCALE_SUFFIX[scale.lower()]
             approx = True
@@ -428,8 +429,8 @@ class Evidence:
         for m in _CONTEXT_IDS.finditer(joined):
             ident = next(g for g in m.groups() if g)
             ev.doc_ids.add(ident.lower().lstrip("0") or "0")
-        k = len(blocks)
-        ev.doc_ids.update(str(i) for i in range(k + 1))
+        if not ev.doc_ids:  # unnumbered documents: [1]..[k] (and 0-based [0]) name them in order
+            ev.doc_ids.update(str(i) for i in range(len(blocks) + 1))
         return ev
 
     @property
@@ -441,7 +442,7 @@ class Evidence:
             run: list[str] = []
             for m in _WORD.finditer(self.raw + " ."):
                 w = m.group()
-                if w[:1].isupper():
+                if w[:1].isupper() and not (not run and w.lower() in STOPWORDS):
                     run.append(w[0].lower())
                     continue
                 if w.lower() in _CONNECTORS and run:
@@ -572,7 +573,8 @@ class GroundingDetector(Detector):
         pos = 0
         if self._tag is not None:
             for m in self._tag.finditer(text):
-                blocks.append(m.group("body"))
+                # the opening tag stays: its attributes often number the document (index="3")
+                blocks.append(text[m.start() : m.end("body")])
                 rest.append(text[pos : m.start()])
                 pos = m.end()
         if blocks:
@@ -806,10 +808,7 @@ class GroundingDetector(Detector):
         if not n:
             return out
         # a "fragment" (a bare name as the whole answer): every content word is capitalised
-        fragment = all(
-            text[s].isupper() or t in STOPWORDS or t in _CONNECTORS or t.isdigit()
-            for t, s, _ in toks
-        )
+        fragment = all(text[s].isupper() or t in _CONNECTORS or t.isdigit() for t, s, _ in toks)
         i = 0
         while i < n:
             s = toks[i][1]
