@@ -152,7 +152,8 @@ def test_changed_numbers_fire(det: GroundingDetector, phrase: str) -> None:
 
 
 def test_dates_compare_months(det: GroundingDetector) -> None:
-    ctx = RequestContext(messages=(Message("system", "The treaty was signed on 3 March 2021 in Oslo by both parties after two years of talks.", 0),))
+    treaty = "The treaty was signed on 3 March 2021 in Oslo by both parties after two years of talks."
+    ctx = RequestContext(messages=(Message("system", treaty, 0),))
     assert spans(findings(det, "It was signed on March 3rd, 2021.", ctx), "", "unsupported_number") == []
     text = "It was signed on April 3, 2021."
     assert spans(findings(det, text, ctx), text, "unsupported_number") == ["April"]
@@ -201,7 +202,8 @@ def test_fabricated_names_quotes_urls_fire(det: GroundingDetector, text: str, ca
 
 
 def test_bare_name_answer_is_checked(det: GroundingDetector) -> None:
-    ctx = RequestContext(messages=(Message("system", "The Oberoi Group is a hotel company with its head office in Delhi.", 0),
+    oberoi = "The Oberoi Group is a hotel company with its head office in Delhi."
+    ctx = RequestContext(messages=(Message("system", oberoi, 0),
                                    Message("user", "Where is the head office?", 1)))
     assert findings(det, "Delhi", ctx) == []
     assert spans(findings(det, "Mumbai", ctx), "Mumbai", "unsupported_entity") == ["Mumbai"]
@@ -332,7 +334,7 @@ def test_evidence_indexes_numbers_in_any_spelling() -> None:
 
 
 def test_config_is_strict_and_registered() -> None:
-    assert CONFIGS == {"grounding": GroundingConfig}
+    assert CONFIGS["grounding"] is GroundingConfig and len(CONFIGS) == 1
     with pytest.raises(pydantic.ValidationError):
         GroundingConfig(treshold=0.3)
     with pytest.raises(ValueError, match="context delimiter"):
