@@ -200,6 +200,11 @@ class ResponseState:
         """Response-level findings after every channel finished (e.g. nothing was output)."""
         return self._detector.finish_response(self._prepared)
 
+    @property
+    def prepared(self) -> Any:
+        """The per-request object ``Detector.prepare`` returned (for response-level signals)."""
+        return self._prepared
+
 
 class Detector(ABC):
     """Runtime detector built once from config. Holds only immutable, shared tables.

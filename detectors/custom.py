@@ -57,7 +57,7 @@ class RegexConfig(DetectorConfig):
                 raise ValueError(f"pattern name {name!r} must be an identifier (letters, digits, _)")
             try:
                 re2.compile(pat)
-            except Exception as exc:  # re2 raises its own error type
+            except Exception as exc:  # noqa: BLE001 - re2 raises its own error type
                 raise ValueError(f"pattern {name!r} is not a valid RE2 regular expression: {exc}") from None
         return v
 

@@ -13,6 +13,12 @@ from detectors.base import DetectorConfig
 
 FAMILY_MODULES = (
     "detectors.custom",
+    "detectors.prompt_leak",
+    "detectors.canary",
+    "detectors.cross_tenant",
+    "detectors.grounding",
+    "detectors.uncertainty",
+    "detectors.transparency",
 )
 
 

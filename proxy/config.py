@@ -133,6 +133,7 @@ class PolicyConfig(_Strict):
     block_status: int = Field(default=400, ge=400, le=599)
     incidents_for_observe: bool = False
     detector_budget_ms: float = Field(default=50.0, gt=0)
+    request_logprobs: bool = False
     detectors: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("holdback_chars")
@@ -366,7 +367,7 @@ def load_dict(raw: Any, env: Mapping[str, str] | None = None) -> LoadedConfig:
     raw = _interpolate(raw, (), env, problems)
     policies_raw = raw.get("policies") or {}
     if not isinstance(policies_raw, dict):
-        raise ConfigError(problems + ["policies: must be a mapping of policy name -> policy"])
+        raise ConfigError([*problems, "policies: must be a mapping of policy name -> policy"])
     if "default" not in policies_raw:
         policies_raw = {**policies_raw, "default": default_policy()}
     raw = {**raw, "policies": policies_raw}

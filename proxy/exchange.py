@@ -47,8 +47,9 @@ class Exchange:
     output_chars: int = 0
     truncated: bool = False
     outcomes: list[Outcome] = field(default_factory=list)
-    grounding_score: float | None = None
     client_disconnected: bool = False
+    strip_logprobs: bool = False  # the proxy asked for logprobs the client did not
+    signals: dict[str, Any] = field(default_factory=dict)  # response-level detector signals
 
     @property
     def applied(self) -> list[Applied]:

@@ -157,6 +157,7 @@ class Outcome:
     detector_errors: list[str] = field(default_factory=list)
     detector_ns: dict[str, int] = field(default_factory=dict)
     late_redactions: int = 0
+    signals: dict[str, object] = field(default_factory=dict)  # response-level, for metrics
 
 
 class ResponsePipeline:
@@ -292,6 +293,26 @@ class ResponsePipeline:
             self.finish_channel(ch, end)
         if self.flow is not Flow.BLOCK:
             self._run(lambda s: s.finish_response())
+        self._collect_signals()
+
+    def _collect_signals(self) -> None:
+        """Response-level signals some detectors expose for metrics (grounding score,
+        answered/abstained/refused, logprob statistics)."""
+        for entry, det, state in self._states:
+            if state is None:
+                continue
+            prepared = state.prepared
+            for method in ("response_score", "classification", "response_stats"):
+                fn = getattr(det, method, None)
+                if fn is None:
+                    continue
+                try:
+                    value = fn(prepared)
+                except Exception:  # noqa: BLE001 - a signal is optional; never fail the response
+                    self.outcome.detector_errors.append(f"{entry.name}:signal")
+                    continue
+                if value is not None:
+                    self.outcome.signals[f"{entry.name}.{method}"] = value
 
     # -- releasing text ------------------------------------------------------------------------
 

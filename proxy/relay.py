@@ -163,11 +163,14 @@ class StreamRelay:
             self.done = True
             if pl is not None:
                 pl.finish(finish_reason=ex_.finished[0][1] if ex_.finished else None)
+        stripped = self.ex.strip_logprobs and _strip_logprobs(obj)
         if pl is None:
-            return ev.raw
+            return b"data: " + orjson.dumps(obj) + b"\n\n" if stripped else ev.raw
         if pl.flow is Flow.BLOCK:
             return self._block()
-        out = self._rewrite(ev, obj, ex_) if self.rewrite else ev.raw
+        out = self._rewrite(ev, obj, ex_, stripped) if self.rewrite else ev.raw
+        if stripped and out is ev.raw:
+            out = b"data: " + orjson.dumps(obj) + b"\n\n"
         notes = pl.pop_annotations()
         if notes:
             out += annotation_comment(notes)
@@ -265,7 +268,7 @@ class StreamRelay:
                  "choices": [choice]}
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
-    def _rewrite(self, ev: SSEEvent, obj: dict[str, Any], ex_: deltas.Extract) -> bytes:
+    def _rewrite(self, ev: SSEEvent, obj: dict[str, Any], ex_: deltas.Extract, dirty: bool = False) -> bytes:
         assert self.pipeline is not None
         pl = self.pipeline
         ep = self.ex.endpoint
@@ -323,7 +326,7 @@ class StreamRelay:
                         fn["arguments"] = "" if finishing else pl.take(chan)
                         changed_any = True
                         keep_event = keep_event or bool(fn["arguments"])
-        if not changed_any:
+        if not changed_any and not dirty:
             return bytes(prefix) + ev.raw
         if not keep_event and not obj.get("usage"):
             return bytes(prefix)
@@ -376,6 +379,16 @@ class StreamRelay:
         else:
             return ev.raw
         return prefix + name + b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _strip_logprobs(obj: dict[str, Any]) -> bool:
+    """Remove logprobs the proxy asked for on the client's behalf. Returns whether any were."""
+    changed = False
+    for ch in obj.get("choices") or ():
+        if isinstance(ch, dict) and ch.get("logprobs") is not None:
+            ch["logprobs"] = None
+            changed = True
+    return changed
 
 
 def _fix_output_item(item: Any, pl: ResponsePipeline, tools: deltas.ToolNames, oi: Any) -> None:

@@ -19,6 +19,7 @@ import httpx
 import orjson
 
 from detectors.base import RequestContext
+from detectors.canary import inject_canary
 from proxy import headers as hdrs
 from proxy.config import LoadedConfig
 from proxy.errors import (
@@ -32,9 +33,10 @@ from proxy.errors import (
 from proxy.exchange import Exchange, request_context
 from proxy.metrics import Metrics, ModelLabel
 from proxy.pipeline import Flow, Policy, ResponsePipeline
-from proxy.relay import StreamRelay, block_error, error_event, redact_body, scan_body, summary
+from proxy.relay import StreamRelay, _strip_logprobs, block_error, error_event, redact_body, scan_body, summary
 from proxy.routing import Router, Tenants
 from proxy.sse import LineTooLong, SSEParser
+from proxy.state import SharedState
 from proxy.telemetry import Telemetry
 from proxy.upstream import Upstream
 
@@ -72,6 +74,7 @@ class Gateway:
                          for name in cfg.policies}
         self.upstreams: dict[str, Upstream] = {}
         self.telemetry = Telemetry(cfg, self.metrics)
+        self.state = SharedState(cfg)
         self.in_flight = 0
         self.ready = False
         self.draining = False
@@ -166,7 +169,7 @@ class ProxyApp:
                 await _send_error(sent, err, ex.request_id)
             elif not sent.finished:
                 await sent.body(error_event(ex.endpoint, err.message, err.code or "error"), more=False)
-        except Exception:  # noqa: BLE001 - the boundary: a bug must become a clean 500, not a crash
+        except Exception:
             log.exception("internal error handling request %s", ex.request_id)
             ex.status, ex.outcome = 500, "error"
             err = ProxyError("gapwatch internal error; the request id is in x-request-id")
@@ -280,7 +283,7 @@ class ProxyApp:
         if not use_detectors:
             await self._passthrough(sent, ex, upstream, url, fwd, raw_body, scope["method"])
             return
-        ctx = request_context(ex, lower)
+        raw_body, ctx = prepare_request(gw, ex, policy, lower, raw_body)
         if ex.stream:
             await self._stream(sent, ex, upstream, url, fwd, raw_body, policy, ctx)
         else:
@@ -442,6 +445,8 @@ class ProxyApp:
             if redact_body(ex.endpoint, obj, pl):
                 data = orjson.dumps(obj)
                 ex.outcome = "redacted"
+            if ex.strip_logprobs and _strip_logprobs(obj):
+                data = orjson.dumps(obj)
             notes = [a for a in pl.outcome.applied if a.action != "observe"]
             if notes:
                 headers.append((b"x-gapwatch-findings", orjson.dumps(summary(notes))))
@@ -581,6 +586,41 @@ class ProxyApp:
         ex.status = 200
         await sent.start(200, [*JSON_HEADERS, (b"x-request-id", ex.request_id.encode())])
         await sent.body(orjson.dumps({"object": "list", "data": list(seen.values())}), more=False)
+
+
+def prepare_request(gw: Gateway, ex: Exchange, policy: Policy, headers: dict[str, str],
+                    raw_body: bytes) -> tuple[bytes, RequestContext]:
+    """Per-request preparation for detectors that need it: plant a canary in the system
+    message, register the tenant's context fingerprints, ask the upstream for logprobs.
+
+    Detectors see the request as the app sent it (no canary); the upstream gets the changed
+    body. Returns the body to send and the detectors' context."""
+    assert ex.body is not None
+    body = ex.body
+    changed = False
+    canaries: tuple[str, ...] = ()
+    shared: dict[str, Any] = {}
+    for entry in policy.entries:
+        if entry.name == "canary":
+            token = entry.settings.make(ex.request_id)  # type: ignore[attr-defined]
+            gw.state.canaries.register(token)
+            canaries = (*canaries, token)
+            body = inject_canary(body, token, ex.endpoint)
+            changed = True
+            shared["canary"] = gw.state.canaries
+        elif entry.name == "cross_tenant":
+            shared["cross_tenant"] = gw.state.fingerprints
+    if policy.config.request_logprobs and policy.wants_logprobs and ex.endpoint == "chat" \
+            and not body.get("logprobs"):
+        body = {**body, "logprobs": True}
+        changed = True
+        ex.strip_logprobs = True
+    ctx = request_context(ex, headers, canaries, shared)
+    if ex.tenant and "cross_tenant" in shared:
+        for entry, det in zip(policy.entries, policy.detectors, strict=True):
+            if entry.name == "cross_tenant":
+                gw.state.fingerprints.add(ex.tenant, det.fingerprints_for_request(ctx))  # type: ignore[attr-defined]
+    return (orjson.dumps(body) if changed else raw_body), ctx
 
 
 def _parse_json_body(raw: bytes, endpoint: str) -> dict[str, Any]:

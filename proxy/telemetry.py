@@ -88,8 +88,10 @@ class Telemetry:
             for e in policy.entries:
                 m.responses_checked.labels(route, model, e.name,
                                            "flagged" if e.name in flagged else "pass").inc()
-        if ex.grounding_score is not None:
-            m.grounding_score.labels(route, model).observe(ex.grounding_score)
+        for o in ex.outcomes[-1:]:
+            score = o.signals.get("grounding.response_score")
+            if isinstance(score, int | float):
+                m.grounding_score.labels(route, model).observe(float(score))
 
     def _incidents(self, ex: Exchange) -> None:
         policy = ex.policy

@@ -8,8 +8,6 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import b64
-
 
 def test_chat_non_streaming_passes_through(start_proxy):
     p = start_proxy()
@@ -169,13 +167,12 @@ def test_hop_by_hop_and_auth_headers(start_proxy, sim):
 
 async def test_client_disconnect_cancels_upstream(start_proxy):
     p = start_proxy()
-    async with httpx.AsyncClient() as client:
-        async with client.stream("POST", f"{p.base_url}/chat/completions",
-                                 json={"model": "sim-echo", "stream": True,
-                                       "messages": [{"role": "user", "content": "x" * 400}]},
-                                 headers={"x-sim-delay-ms": "50", "x-sim-chunk-chars": "1"}) as r:
-            async for _ in r.aiter_bytes():
-                break
+    async with httpx.AsyncClient() as client, client.stream("POST", f"{p.base_url}/chat/completions",
+                             json={"model": "sim-echo", "stream": True,
+                                   "messages": [{"role": "user", "content": "x" * 400}]},
+                             headers={"x-sim-delay-ms": "50", "x-sim-chunk-chars": "1"}) as r:
+        async for _ in r.aiter_bytes():
+            break
     # the proxy must notice and release the request promptly
     for _ in range(100):
         if p.gateway.in_flight == 0:
