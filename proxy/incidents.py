@@ -97,7 +97,7 @@ class IncidentLog:
             for sink in self._sinks:
                 try:
                     await asyncio.to_thread(sink.write, lines) if isinstance(sink, JsonlSink) else sink.write(lines)
-                except Exception:  # noqa: BLE001 - a sink failure must not stop the writer
+                except Exception:
                     self._metrics.incident_sink_failures.labels(sink.name).inc(len(lines))
                     log.exception("incident sink %s failed", sink.name)
             for _ in batch:
