@@ -143,3 +143,60 @@ def test_banned_substrings_and_max_chars(start_proxy, sim):
     assert text == "see [REDACTED:banned] docs"
     with pytest.raises(openai.APIError):
         stream_text(p.client(), out("x" * 100))
+
+
+def test_redact_responses_api_streaming_and_not(start_proxy, sim):
+    det = {"regex": {"action": "redact", "patterns": {"codename": "blue falcon"}}}
+    p = start_proxy(policy(sim, det))
+    client = p.client()
+    hdr = {**out("the blue falcon flies"), "x-sim-chunk-chars": "2"}
+    r = client.responses.create(model="sim-echo", input="q", extra_headers=hdr)
+    assert r.output_text == "the [REDACTED:codename] flies"
+    deltas, final = [], None
+    for ev in client.responses.create(model="sim-echo", input="q", stream=True, extra_headers=hdr):
+        if ev.type == "response.output_text.delta":
+            deltas.append(ev.delta)
+        elif ev.type == "response.completed":
+            final = ev.response
+    assert "".join(deltas) == "the [REDACTED:codename] flies"
+    assert final is not None and final.output_text == "the [REDACTED:codename] flies"
+
+
+def test_redact_completions_streaming(start_proxy, sim):
+    det = {"regex": {"action": "redact", "patterns": {"codename": "blue falcon"}}}
+    p = start_proxy(policy(sim, det))
+    text = "".join(c.choices[0].text for c in p.client().completions.create(
+        model="sim-echo", prompt="q", stream=True, extra_headers={**out("a blue falcon b"), "x-sim-chunk-chars": "3"})
+        if c.choices)
+    assert text == "a [REDACTED:codename] b"
+
+
+def test_block_responses_api_stream(start_proxy, sim):
+    p = start_proxy(policy(sim, CODENAME))
+    with pytest.raises(openai.APIError) as ei:
+        for _ in p.client().responses.create(model="sim-echo", input="q", stream=True,
+                                             extra_headers=out("x blue falcon y")):
+            pass
+    assert "output_blocked" in str(ei.value.body) or "blocked" in str(ei.value)
+
+
+def test_zero_config_serve_subprocess(sim):
+    import subprocess
+    import sys
+
+    from tests.servers import free_port, wait_http
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--upstream", f"{sim.url}/v1",
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-user", max_retries=0)
+        r = client.chat.completions.create(model="sim-echo", messages=[{"role": "user", "content": "zero config"}])
+        assert r.choices[0].message.content == "zero config"
+        last = httpx.get(f"{sim.url}/v1/sim/requests", params={"n": 1}).json()["data"][-1]
+        assert ["authorization", "Bearer sk-user"] in [[k.lower(), v] for k, v in last["headers"]]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -1,0 +1,65 @@
+"""Incident records: structured, redacted, off the critical path; admin endpoint needs a token."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from tests.conftest import b64, eventually, proxy_config
+
+
+def test_incident_records_jsonl_and_admin(start_proxy, sim, tmp_path):
+    path = tmp_path / "incidents.jsonl"
+    cfg = proxy_config(
+        sim.url,
+        server={"admin_token": "admin-secret-token"},
+        incidents={"sinks": [{"type": "jsonl", "path": str(path)}]},
+        policies={"default": {"detectors": {
+            "regex": {"action": "redact", "patterns": {"acct": "ACCT-[0-9]{8}"}}}}},
+    )
+    p = start_proxy(cfg)
+    r = p.client().chat.completions.create(
+        model="sim-echo", messages=[{"role": "user", "content": "q"}],
+        extra_headers={"x-sim-output": b64("your account is ACCT-12345678, thanks"), "x-request-id": "req-77"})
+    assert r.choices[0].message.content == "your account is [REDACTED:acct], thanks"
+    lines = eventually(lambda: path.exists() and path.read_text().splitlines())
+    rec = json.loads(lines[0])
+    assert rec["request_id"] == "req-77" and rec["detector"] == "regex" and rec["action"] == "redact"
+    assert rec["category"] == "acct" and rec["span"] == [16, 29]
+    assert "12345678" not in json.dumps(rec)  # evidence is masked
+    assert httpx.get(f"{p.url}/admin/incidents").status_code == 401
+    assert httpx.get(f"{p.url}/admin/incidents", headers={"authorization": "Bearer wrong"}).status_code == 401
+    got = httpx.get(f"{p.url}/admin/incidents", headers={"authorization": "Bearer admin-secret-token"}).json()
+    assert got["incidents"][0]["request_id"] == "req-77"
+
+
+def test_admin_disabled_without_token(start_proxy):
+    p = start_proxy()
+    assert httpx.get(f"{p.url}/admin/incidents", headers={"authorization": "Bearer x"}).status_code == 403
+    assert httpx.get(f"{p.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{p.url}/readyz").status_code == 200
+
+
+def test_tenant_policy_override(start_proxy, sim):
+    import hashlib
+
+    cfg = proxy_config(
+        sim.url,
+        tenants=[{"name": "strict-app", "key_sha256": hashlib.sha256(b"k-strict").hexdigest(), "policy": "strict"},
+                 {"name": "lax-app", "key_sha256": hashlib.sha256(b"k-lax").hexdigest()}],
+        policies={"default": {"detectors": {}},
+                  "strict": {"detectors": {"banned_substrings": {"action": "redact", "substrings": ["alpha"]}}}},
+    )
+    p = start_proxy(cfg)
+    hdr = {"x-sim-output": b64("alpha beta")}
+    strict = p.client(api_key="k-strict").chat.completions.create(
+        model="sim-echo", messages=[{"role": "user", "content": "q"}], extra_headers=hdr)
+    lax = p.client(api_key="k-lax").chat.completions.create(
+        model="sim-echo", messages=[{"role": "user", "content": "q"}], extra_headers=hdr)
+    assert strict.choices[0].message.content == "[REDACTED:banned] beta"
+    assert lax.choices[0].message.content == "alpha beta"
+    # the tenant's proxy key is never forwarded upstream
+    reqs = httpx.get(f"{sim.url}/v1/sim/requests", params={"n": 2}).json()["data"]
+    for r in reqs:
+        assert not any(k.lower() == "authorization" for k, _ in r["headers"])
