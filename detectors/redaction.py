@@ -19,9 +19,8 @@ def mask(value: str, kind: str = "") -> str:
     if not value:
         return ""
     m = _EMAIL.match(value)
-    if kind == "email" or (m and not kind):
-        if m:
-            return f"{m.group(1)[0]}***@{m.group(2)}"
+    if m and kind in ("email", ""):
+        return f"{m.group(1)[0]}***@{m.group(2)}"
     n = len(value)
     if n <= 6:
         return "*" * n
