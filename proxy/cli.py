@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 
 from proxy.config import ConfigError, load
@@ -24,7 +25,8 @@ def _serve(args: argparse.Namespace) -> int:
     server = loaded.config.server
     host = args.host or server.host
     port = args.port if args.port is not None else server.port
-    workers = args.workers or server.workers
+    # --workers, then GAPWATCH_WORKERS (the container image's default), then server.workers
+    workers = args.workers or _env_workers() or server.workers
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     common = {"log_level": "warning", "access_log": False, "lifespan": "on",
               "timeout_graceful_shutdown": server.shutdown_grace_seconds}
@@ -39,17 +41,40 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(loaded, separate_admin=separate)
     print(f"gapwatch listening on http://{host}:{port}/v1", file=sys.stderr)
 
+    servers: list[uvicorn.Server] = []
+    stopped: list[int] = []
+
+    def on_stop(sig: int, frame: object) -> None:
+        # Runs only outside uvicorn's own handlers: during start-up (stop serving) and when
+        # uvicorn re-raises the signal after it has drained. A drained shutdown is a success,
+        # so the process exits 0 instead of dying by the re-raised SIGTERM.
+        stopped.append(sig)
+        for s in servers:
+            s.should_exit = True
+
     async def main() -> None:
-        servers = [uvicorn.Server(uvicorn.Config(app, host=host, port=port, **common))]
+        servers.append(uvicorn.Server(uvicorn.Config(app, host=host, port=port, **common)))
         if separate:
             from proxy.admin import build_admin_app
             admin = build_admin_app(app.gw)
             servers.append(uvicorn.Server(uvicorn.Config(admin, host=server.metrics_host,
                                                          port=server.metrics_port, **common)))
-        await asyncio.gather(*(s.serve() for s in servers))
+        if not stopped:
+            await asyncio.gather(*(s.serve() for s in servers))
 
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_stop)
     asyncio.run(main())
     return 0
+
+
+def _env_workers() -> int | None:
+    raw = os.environ.get("GAPWATCH_WORKERS", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= 64:
+        raise SystemExit(f"gapwatch: GAPWATCH_WORKERS must be a number from 1 to 64, got {raw!r}")
+    return int(raw)
 
 
 def _check(args: argparse.Namespace) -> int:
