@@ -30,7 +30,7 @@ What counts as context (``prepare``):
 Sentences are split incrementally: a sentence is scored as soon as the text after it proves it
 complete (or at finish), so the work per ``feed`` is proportional to the new text. The
 response-level score (1 = fully supported) combines the content-weighted lexical support with a
-penalty per unsupported claim; ``finish_response`` reports it as a ``grounding_score`` finding
+penalty per unsupported claim (see ``response_score``); ``finish_response`` reports it as a ``grounding_score`` finding
 only below ``threshold``, and ``response_score(prepared)`` exposes it for metrics always.
 """
 
@@ -315,7 +315,9 @@ _CONNECTORS = frozenset({"of", "the", "de", "la", "le", "du", "da", "del", "der"
 _TITLES = frozenset({"mr", "mrs", "ms", "dr", "prof", "professor", "president", "king", "queen",
                      "prince", "princess", "sir", "lord", "lady", "saint", "st", "general",
                      "captain", "senator", "governor", "pope", "rev", "reverend", "mount", "mt",
-                     "lake", "river", "jr", "sr"}) | frozenset(_data_lines("generic_caps.txt"))
+                     "lake", "river", "jr", "sr", "director", "chief", "minister", "chancellor",
+                     "mayor", "judge", "justice", "bishop", "sheikh", "emperor", "duke"})
+_TITLES |= frozenset(_data_lines("generic_caps.txt"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,21 +534,30 @@ _CATEGORIES = ("number", "entity", "quote", "url", "citation", "low_support")
 
 
 class GroundingConfig(DetectorConfig):
-    """Settings of the ``grounding`` detector (YAML key ``grounding``)."""
+    """Settings of the ``grounding`` detector (YAML key ``grounding``).
+
+    ``threshold`` 0.8: on the HaluEval QA dev set every threshold below 1 has precision 1.0
+    (its correct answers are spans copied from the context), so that file cannot place the
+    threshold; 0.8 is the highest value at which the hand-written faithful multi-sentence
+    answers in ``tests/unit/test_grounding.py`` (paraphrased summaries, about 0.9) still pass
+    with a margin, while any single unsupported claim (score at most 0.65) is reported."""
 
     detector_class: ClassVar[type[Detector]]
 
+    # what counts as context: whole messages of these roles (or their delimited blocks)
     context_roles: tuple[str, ...] = ("system", "developer", "tool")
+    # user messages: delimited blocks, else the whole message minus its question
     user_messages: bool = True
+    # "<tag>" marks <tag ...>...</tag> blocks; "Heading:" marks a block up to the next heading
     context_delimiters: tuple[str, ...] = _DEFAULT_DELIMITERS
-    min_context_chars: int = 64
-    max_context_chars: int = 400_000
-    checks: tuple[str, ...] = _CATEGORIES
-    threshold: float = 0.8
-    min_sentence_support: float = 0.5
-    min_content_words: int = 4
-    claim_penalty: float = 0.35
-    max_sentence_chars: int = 1_000
+    min_context_chars: int = 64  # less context than this: the detector stays silent
+    max_context_chars: int = 400_000  # context read per request (bounds the prepare cost)
+    checks: tuple[str, ...] = _CATEGORIES  # number, entity, quote, url, citation, low_support
+    threshold: float = 0.8  # grounding_score finding when the response score is below it
+    min_sentence_support: float = 0.5  # low_support below this share of content words ...
+    min_content_words: int = 4  # ... in a sentence with at least this many content words
+    claim_penalty: float = 0.35  # score factor (1 - penalty) per unsupported claim
+    max_sentence_chars: int = 1_000  # a longer run without a sentence end is cut here
 
 
 @dataclass(slots=True)
@@ -676,10 +687,12 @@ class GroundingDetector(Detector):
     def response_score(self, prepared: GroundingResponse) -> float | None:
         """The response-level grounding score in [0, 1] (1 = fully supported), for metrics.
 
-        None when the request carried no context or the answer had no scorable sentence. The
-        score is the content-weighted share of supported content words, multiplied by
-        ``(1 - claim_penalty)`` for each unsupported specific claim (number, entity, quote, URL,
-        citation): one invented figure matters whatever the length of the answer."""
+        None when the request carried no context or the answer had no scorable sentence.
+        With ``s`` the share of the answer's content words found in the context, the score is
+        ``(1 - (1 - s)**2) * (1 - claim_penalty)**k`` where ``k`` counts unsupported claims
+        (number, entity, quote, URL, citation) and low-support sentences. The square keeps a
+        freely paraphrased answer (``s`` about 0.7) near 0.9, and the per-claim factor makes
+        one invented figure count whatever the length of the answer."""
         if prepared.context is None or prepared.sentences == 0:
             return None
         lexical = prepared.supported_words / prepared.content_words if prepared.content_words else 1.0
