@@ -305,6 +305,7 @@ _CONTEXT_IDS = re2.compile(  # run on the folded (lower-case) context
     r"|(?m:^)\s*\[?(\d{1,4})[\].):]\s"
 )
 _QUOTE = re.compile(r"\"([^\"\n]{2,300})\"|“([^”\n]{2,300})”")
+_LABEL = re.compile(r"[ \t]*(?:\*\*[^*\n]{1,60}\*\*[ \t]*:|\*\*[^*\n]{1,60}:\*\*|[^\W\d][\w '&/-]{0,40}:(?=\s))")
 _INLINE_CODE = re.compile(r"`[^`\n]{1,200}`")
 _APPROX_TRAILING = re.compile(r"^\s*(?:or\s+so|odd|-?ish)\b", re.IGNORECASE)
 
@@ -790,8 +791,10 @@ class GroundingDetector(Detector):
                 if month not in ev.months and month not in echo.months:
                     s, e = m.span("m") if m.group("m") else m.span("m2")
                     claims.append(_Claim("number", s, e, "date"))
-        if "entity" in checks:
-            claims.extend(self._entities(text2, toks, body_from, ev, echo))
+        if "entity" in checks and not text.lstrip().startswith("#"):  # headings are Title Case
+            label = _LABEL.match(text2, body_from)  # "**Key Findings:**", "Revenue Growth:"
+            from_ = label.end() if label else body_from
+            claims.extend(self._entities(text2, [t for t in toks if t[1] >= from_], from_, ev, echo))
         # lexical support
         content = 0
         supported = 0.0

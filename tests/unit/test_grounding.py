@@ -112,6 +112,15 @@ def test_invented_sentence_is_low_support(det: GroundingDetector) -> None:
     assert low == [extra.strip()]
 
 
+def test_markdown_headings_and_labels_are_not_names(det: GroundingDetector) -> None:
+    md = ("## Key Findings\n\n- **Revenue Growth:** Northwind Robotics earned EUR 1,213 million in 2023.\n"
+          "- **Factory Expansion**: A second plant opened in Gdansk.\n"
+          "Market Outlook: Meridian Capital expects pressure on margins.")
+    assert assert_compliant(det, ctx_with(), md) == []
+    text = "- **Outlook:** Zorblax Industries will buy the firm."
+    assert spans(findings(det, text), text, "unsupported_entity") == ["Zorblax Industries"]
+
+
 def test_compliance_on_long_answers(det: GroundingDetector) -> None:
     for text in [FAITHFUL, FAITHFUL.replace("42%", "57%") + " See https://example.org/x [7] (Smith 2020)."]:
         assert_compliant(det, ctx_with(), text)
