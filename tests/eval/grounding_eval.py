@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     rep = evaluate(rows)
     print(f"grounding on {rep.n} responses ({(args.data or data_path()).name})")
     print(f"AUROC of (1 - score):           {rep.auroc:.3f}")
-    print(f"best-F1 threshold:              {rep.threshold:.3f}  "
+    print(f"best-F1 threshold (score < t):  {rep.threshold:.3f}  "
           f"P={rep.precision:.3f} R={rep.recall:.3f} F1={rep.f1:.3f}")
-    print(f"default threshold {rep.default_threshold:.2f}:        "
+    print(f"chosen default {rep.default_threshold:.2f} (score < t): "
           f"P={rep.default_precision:.3f} R={rep.default_recall:.3f} F1={rep.default_f1:.3f}")
     print(f"cost:                           {rep.us_per_response:.0f} µs per response "
           f"(prepare + stream + finish)")
