@@ -230,141 +230,69 @@ class JsonStream:
         path = self._path
         sstart = pos  # where the current string's text begins in this piece
         while i < n:
-            if st == _STR:
-                j = _STR_RUN(text, i).end()
-                if j == n:
-                    i = n
-                    break
-                c = text[j]
-                if c == '"':
-                    parts = self._parts
-                    if parts:
-                        parts.append(text[sstart:j])
-                        raw = "".join(parts)
-                        parts.clear()
-                    else:
-                        raw = text[sstart:j]
-                    start = self._start
-                    end = base + j + 1
-                    i = j + 1
-                    if self._str_key:
-                        name = decode_string(raw)
-                        keys = self._keysets[-1]
-                        assert keys is not None
-                        if name in keys:
-                            self._fail("syntax", end - 1, f"duplicate key {_quote(name)} in one object "
-                                       "(parsers disagree on which value wins)", (start, end), True)
-                            return i
-                        keys.add(name)
-                        if chk is not None:
-                            v = chk.key(name, start, end)
-                            if v is not None:
-                                self._schema(v, end - 1, container=True)
-                                return i
-                        path[-1] = name
-                        st = _COLON
-                        continue
-                    if chk is not None:
-                        v = chk.scalar(STR, raw, start, end)
-                        if v is not None:
-                            self._schema(v, end - 1)
-                            return i
-                    if not kinds:
-                        self._state = _DONE
-                        self.end = end
-                        return i
-                    st = _AFTER
-                    continue
-                if c == "\\":
-                    i = j + 1
-                    st = _ESC
-                    continue
-                self._fail("syntax", base + j, f"control character {_char(c)} inside a string "
-                           "(it must be escaped)")
-                return j
-            if st == _ESC:
+            if st < _STR:  # between tokens: the states are ordered by how often they occur
                 c = text[i]
-                if c == "u":
-                    st = _HEX
-                    self._hex = (0, 0, False, False)
-                elif c in '"\\/bfnrt':
-                    st = _STR
-                else:
-                    self._fail("syntax", base + i, f"invalid escape '\\{c}' in a string")
+                if c in _WS:
+                    i = _WS_RUN(text, i).end()
+                    if i == n:
+                        break
+                    c = text[i]
+                at = base + i
+                if st == _AFTER:  # a value ended inside a container
+                    top = kinds[-1]
+                    if c == ",":
+                        self._comma = at
+                        st = _OBJ_NEXT if top == OBJ else _ARR_NEXT
+                        i += 1
+                        continue
+                    if (c == "}" and top == OBJ) or (c == "]" and top == ARR):
+                        st = self._close(top, at)
+                        if st >= _DONE:
+                            return i + 1 if st == _DONE else i
+                        i += 1
+                        continue
+                    close = "}" if top == OBJ else "]"
+                    self._fail("syntax", at, f"expected ',' or '{close}', got {_char(c)}")
                     return i
-                i += 1
-                continue
-            if st in (_HEX, _LOW_BS, _LOW_U):
-                st = self._escape_char(text[i], base + i, st)
-                if st == _FAIL:
+                if st == _COLON:
+                    if c == ":":
+                        st = _VALUE
+                        i += 1
+                        continue
+                    self._fail("syntax", at, f"expected ':' after the property name, got {_char(c)}")
                     return i
-                i += 1
-                continue
-            if st == _NUM:
-                j = _NUM_RUN(text, i).end()
-                q = self._num_dfa(text, i, j, base)
-                if q >= 0:
-                    self._fail("syntax", base + q, self._num_msg(text[q]))
-                    return q
-                self._parts.append(text[i:j])
-                if j == n:
-                    i = n
-                    break
-                raw = "".join(self._parts)
-                self._parts.clear()
-                if self._numst not in _NUM_ACCEPT:
-                    self._fail("syntax", base + j, self._num_msg(text[j]), (self._start, base + j + 1))
-                    return j
-                if not self._number_done(raw, self._start, base + j):
-                    return j
-                i = j
-                if not kinds:
-                    self._state = _DONE
-                    self.end = base + j
+                if st >= _OBJ_FIRST:  # a key is expected (or '}' after '{' / a trailing comma)
+                    if c == '"':
+                        self._start = at
+                        self._str_key = True
+                        st = _STR
+                        i += 1
+                        sstart = i
+                        continue
+                    if c == "}" and (st == _OBJ_FIRST or self._trailing_comma_ok(at, "}")):
+                        st = self._close(OBJ, at)
+                        if st >= _DONE:
+                            return i + 1 if st == _DONE else i
+                        i += 1
+                        continue
+                    if self._state != _FAIL:
+                        hint = " (single quotes are not JSON)" if c == "'" else ""
+                        self._fail("syntax", at, f"expected a property name in double quotes, got "
+                                   f"{_char(c)}{hint}", container=True)
                     return i
-                st = _AFTER
-                continue
-            if st == _LIT:
-                lit, k, kind = self._lit
-                rest = lit[k:]
-                if text.startswith(rest, i):
-                    i += len(rest)
-                    if not kinds:
-                        self._state = _DONE
-                        self.end = base + i
-                        return i
-                    st = _AFTER
-                    continue
-                while i < n and k < len(lit):
-                    if text[i] != lit[k]:
-                        self._fail("syntax", base + i, f"invalid literal: expected '{lit}', got "
-                                   f"{_char(text[i])} at character {k + 1}")
-                        return i
-                    i += 1
-                    k += 1
-                self._lit = (lit, k, kind)
-                continue  # i == n here (a full match took the startswith branch)
-
-            c = text[i]
-            if c in _WS:
-                i = _WS_RUN(text, i).end()
-                continue
-            at = base + i
-            if st <= _ARR_NEXT:  # a value is expected (or ']' after '[' / a trailing comma)
-                if kinds and kinds[-1] == ARR:
+                # a value is expected (in an array: or ']' after '[' / a trailing comma)
+                if st != _VALUE:
                     if c == "]":
                         if st == _ARR_FIRST or self._trailing_comma_ok(at, "]"):
-                            st = self._close(ARR, at, base, i)
-                            if st == _FAIL:
-                                return i
+                            st = self._close(ARR, at)
+                            if st >= _DONE:
+                                return i + 1 if st == _DONE else i
                             i += 1
-                            if st == _DONE:
-                                self.end = at + 1
-                                return i
                             continue
                         return i
-                    path[-1] = self._count[-1]
-                    self._count[-1] += 1
+                    cnt = self._count
+                    path[-1] = cnt[-1]
+                    cnt[-1] += 1
                 if c == '"':
                     if chk is not None:
                         v = chk.value(STR, at)
@@ -434,55 +362,119 @@ class JsonStream:
                 hint = " (single quotes are not JSON)" if c == "'" else ""
                 self._fail("syntax", at, f"expected a JSON value, got {_char(c)}{hint}")
                 return i
-            if st <= _OBJ_NEXT:  # a key is expected (or '}' after '{' / a trailing comma)
+            if st == _STR:
+                j = _STR_RUN(text, i).end()
+                if j == n:
+                    i = n
+                    break
+                c = text[j]
                 if c == '"':
-                    self._start = at
-                    self._str_key = True
-                    st = _STR
-                    i += 1
-                    sstart = i
-                    continue
-                if c == "}":
-                    if st == _OBJ_FIRST or self._trailing_comma_ok(at, "}"):
-                        st = self._close(OBJ, at, base, i)
-                        if st == _FAIL:
+                    parts = self._parts
+                    if parts:
+                        parts.append(text[sstart:j])
+                        raw = "".join(parts)
+                        parts.clear()
+                    else:
+                        raw = text[sstart:j]
+                    start = self._start
+                    end = base + j + 1
+                    i = j + 1
+                    if self._str_key:
+                        name = decode_string(raw) if "\\" in raw else raw
+                        keys = self._keysets[-1]
+                        assert keys is not None
+                        if name in keys:
+                            self._fail("syntax", end - 1, f"duplicate key {_quote(name)} in one object "
+                                       "(parsers disagree on which value wins)", (start, end), True)
                             return i
-                        i += 1
-                        if st == _DONE:
-                            self.end = at + 1
-                            return i
+                        keys.add(name)
+                        if chk is not None:
+                            v = chk.key(name, start, end)
+                            if v is not None:
+                                self._schema(v, end - 1, container=True)
+                                return i
+                        path[-1] = name
+                        st = _COLON
                         continue
-                    return i
-                hint = " (single quotes are not JSON)" if c == "'" else ""
-                self._fail("syntax", at, f"expected a property name in double quotes, got {_char(c)}{hint}",
-                           container=True)
-                return i
-            if st == _COLON:
-                if c == ":":
-                    st = _VALUE
-                    i += 1
+                    if chk is not None:
+                        v = chk.scalar(STR, raw, start, end)
+                        if v is not None:
+                            self._schema(v, end - 1)
+                            return i
+                    if not kinds:
+                        self._state = _DONE
+                        self.end = end
+                        return i
+                    st = _AFTER
                     continue
-                self._fail("syntax", at, f"expected ':' after the property name, got {_char(c)}")
-                return i
-            # st == _AFTER: a value ended inside a container
-            top = kinds[-1]
-            if c == ",":
-                self._comma = at
-                st = _OBJ_NEXT if top == OBJ else _ARR_NEXT
+                if c == "\\":
+                    i = j + 1
+                    st = _ESC
+                    continue
+                self._fail("syntax", base + j, f"control character {_char(c)} inside a string "
+                           "(it must be escaped)")
+                return j
+            if st == _ESC:
+                c = text[i]
+                if c == "u":
+                    st = _HEX
+                    self._hex = (0, 0, False, False)
+                elif c in '"\\/bfnrt':
+                    st = _STR
+                else:
+                    self._fail("syntax", base + i, f"invalid escape '\\{c}' in a string")
+                    return i
                 i += 1
                 continue
-            if (c == "}" and top == OBJ) or (c == "]" and top == ARR):
-                st = self._close(top, at, base, i)
+            if st <= _LOW_U:  # _HEX, _LOW_BS, _LOW_U
+                st = self._escape_char(text[i], base + i, st)
                 if st == _FAIL:
                     return i
                 i += 1
-                if st == _DONE:
-                    self.end = at + 1
-                    return i
                 continue
-            close = "}" if top == OBJ else "]"
-            self._fail("syntax", at, f"expected ',' or '{close}', got {_char(c)}")
-            return i
+            if st == _NUM:
+                j = _NUM_RUN(text, i).end()
+                q = self._num_dfa(text, i, j, base)
+                if q >= 0:
+                    self._fail("syntax", base + q, self._num_msg(text[q]))
+                    return q
+                self._parts.append(text[i:j])
+                if j == n:
+                    i = n
+                    break
+                raw = "".join(self._parts)
+                self._parts.clear()
+                if self._numst not in _NUM_ACCEPT:
+                    self._fail("syntax", base + j, self._num_msg(text[j]), (self._start, base + j + 1))
+                    return j
+                if not self._number_done(raw, self._start, base + j):
+                    return j
+                i = j
+                if not kinds:
+                    self._state = _DONE
+                    self.end = base + j
+                    return i
+                st = _AFTER
+                continue
+            # st == _LIT
+            lit, k, kind = self._lit
+            rest = lit[k:]
+            if text.startswith(rest, i):
+                i += len(rest)
+                if not kinds:
+                    self._state = _DONE
+                    self.end = base + i
+                    return i
+                st = _AFTER
+                continue
+            while i < n and k < len(lit):
+                if text[i] != lit[k]:
+                    self._fail("syntax", base + i, f"invalid literal: expected '{lit}', got "
+                               f"{_char(text[i])} at character {k + 1}")
+                    return i
+                i += 1
+                k += 1
+            self._lit = (lit, k, kind)
         if st in _IN_STRING:
             self._parts.append(text[sstart:n])
         self._state = st
@@ -496,7 +488,9 @@ class JsonStream:
                    container=True, habit="trailing_comma")
         return False
 
-    def _close(self, kind: int, at: int, base: int, i: int) -> int:
+    def _close(self, kind: int, at: int) -> int:
+        """``}`` or ``]`` at ``at``: the checker's last word on the container, then pop it.
+        Returns the next state (``_AFTER``, ``_DONE`` or ``_FAIL``)."""
         keys = self._keysets[-1]
         count = self._count[-1] if kind == ARR else len(keys or ())
         if self._checker is not None:
@@ -511,6 +505,7 @@ class JsonStream:
             self._count.pop()
         if not self._kinds:
             self._state = _DONE
+            self.end = at + 1
             return _DONE
         return _AFTER
 

@@ -444,6 +444,7 @@ class _JsonChannel(ChannelState):
         self._doc: list[str] = []
         self._doc_len = 0
         self._overflow = False
+        self._max_doc = cfg.max_document_chars
         self._habits: set[str] = set()
         self._finished = False
         if unknown_tool is not None:
@@ -538,17 +539,21 @@ class _JsonChannel(ChannelState):
     def _body(self, text: str, i: int, base: int, out: list[Finding]) -> int:
         parser = self._parser
         j = parser.feed(text, i, base)
-        if parser.failed:
+        if parser.problem is not None:
             self._keep(text, i, len(text), out)
-            assert parser.problem is not None
             self._problem(out, parser.problem)
             return len(text)
-        self._keep(text, i, j, out)
+        if not self._overflow:
+            if self._doc_len + (j - i) <= self._max_doc:
+                self._doc.append(text[i:j] if i or j < len(text) else text)
+                self._doc_len += j - i
+            else:
+                self._keep(text, i, j, out)
         if parser.trailing_commas and "trailing_comma" not in self._habits:
             c = parser.trailing_commas[0]
             self._habit(out, "trailing_comma", (c, c + 1), "trailing comma in the JSON (accepted: "
                         "allow_trailing_commas)")
-        if parser.done:
+        if parser.end >= 0:
             self._phase = _TRAIL
         return j
 
