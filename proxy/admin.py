@@ -44,7 +44,9 @@ def build_admin_app(gateway: Any, serve_metrics: bool = True, serve_admin: bool 
     if serve_metrics:
         @app.get("/metrics")
         async def metrics() -> Response:
-            return Response(gateway.metrics_payload(), media_type=CONTENT_TYPE_LATEST)
+            # Metrics.payload: this process's registry, or every worker's values summed in
+            # multiprocess mode (gapwatch serve --workers N)
+            return Response(gateway.metrics.payload(), media_type=CONTENT_TYPE_LATEST)
 
     if serve_admin:
         @app.get("/admin/incidents")

@@ -2,23 +2,50 @@
 
 Label values come from bounded sets: routes and policies from config, models through the
 configured allow-list (anything else is ``other``), detectors from the registry, categories
-from detector code, severities and actions from enums. No user content, key or tenant
+and classes from detector code (capped per detector by ``BoundedLabel`` in case a detector
+ever emits free text), severities and actions from enums. No user content, key or tenant
 secret ever becomes a label value.
 
-Names follow Prometheus conventions (base units, ``_total`` counters, ``_seconds``) and map
-to the OpenTelemetry GenAI metrics where one exists: ``gen_ai.client.operation.duration`` ->
-``gapwatch_request_duration_seconds``, ``gen_ai.server.time_to_first_token`` ->
-``gapwatch_time_to_first_token_seconds``, ``gen_ai.server.time_per_output_token`` ->
-``gapwatch_time_per_output_token_seconds``, ``gen_ai.client.token.usage`` ->
-``gapwatch_tokens_total`` (counter by ``type``).
+Names follow the Prometheus conventions (``gapwatch_`` prefix, base units, ``_total`` on
+counters, ``_seconds`` on durations) and map to the OpenTelemetry GenAI metrics where one
+exists (semantic-conventions-genai ``docs/gen-ai/gen-ai-metrics.md``):
+
+- ``gen_ai.server.request.duration`` / ``gen_ai.client.operation.duration`` ->
+  ``gapwatch_request_duration_seconds`` (and ``gapwatch_upstream_duration_seconds`` for the
+  proxy's own client call)
+- ``gen_ai.server.time_to_first_token`` -> ``gapwatch_time_to_first_token_seconds``
+- ``gen_ai.server.time_per_output_token`` -> ``gapwatch_time_per_output_token_seconds``
+- ``gen_ai.client.token.usage`` (histogram by ``gen_ai.token.type``) ->
+  ``gapwatch_token_usage_tokens`` (same buckets, powers of 4) plus the counter
+  ``gapwatch_tokens_total`` for cheap rates
+
+Several worker processes: prometheus-client's multiprocess mode. When
+``PROMETHEUS_MULTIPROC_DIR`` is set before ``prometheus_client`` is imported (``gapwatch serve
+--workers N`` does this), every value lives in a per-process mmap file; the metrics are then
+declared without a registry and ``Metrics.registry`` is a fresh registry holding only a
+``MultiProcessCollector``, which sums the files of all workers at scrape time. In single
+process mode each ``Metrics()`` owns a fresh ``CollectorRegistry``, so tests can build one per
+proxy and assert exact values.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import os
+import platform
+from collections.abc import Iterable
 from functools import lru_cache
+from importlib import metadata
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    values,
+)
 
 # LLM latencies: tens of milliseconds to minutes
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
@@ -26,13 +53,46 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# gen_ai.client.token.usage recommends powers of 4 up to 4^13; 4^11 (4M tokens) is plenty here
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+
+# Label values known in advance. Series for them are created at start-up with value 0, so
+# dashboards show a flat zero instead of "no data" until the first event (Prometheus practice:
+# initialise metrics whose label values are known).
+UPSTREAM_ERROR_KINDS = ("connect", "connect_timeout", "first_byte_timeout", "idle_timeout", "reset",
+                        "protocol", "max_duration", "line_too_long", "status_4xx", "status_5xx")
+STREAM_ANOMALY_KINDS = ("after_done", "non_json", "non_object", "missing_choices", "line_too_long")
+ENFORCING_ACTIONS = ("annotate", "redact", "block", "retry")
+
+MULTIPROC_ENV = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
+
+
+def multiprocess_dir() -> str | None:
+    for name in MULTIPROC_ENV:
+        v = os.environ.get(name)
+        if v:
+            return v
+    return None
+
+
+def multiprocess_active() -> bool:
+    """True when this process writes metric values to mmap files. prometheus-client decides
+    once, when it is first imported, so the environment variable alone is not enough."""
+    return bool(getattr(values.ValueClass, "_multiprocess", False)) and multiprocess_dir() is not None
+
+
+def _version() -> str:
+    try:
+        return metadata.version("gapwatch")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class ModelLabel:
     """Maps a model name to a bounded label value: allow-listed globs keep the name (capped
     in length), everything else is ``other``."""
 
-    def __init__(self, allowlist: list[str]) -> None:
+    def __init__(self, allowlist: Iterable[str]) -> None:
         self._allow = tuple(allowlist)
         self._cache = lru_cache(maxsize=4096)(self._compute)
 
@@ -45,18 +105,56 @@ class ModelLabel:
         return self._cache(model)
 
 
+class BoundedLabel:
+    """At most ``limit`` distinct values per key (e.g. categories per detector); later new
+    values become ``other``. Values come from detector code and are bounded by design; this is
+    the backstop that keeps one faulty detector from blowing up the series count."""
+
+    __slots__ = ("_limit", "_seen")
+
+    def __init__(self, limit: int = 64) -> None:
+        self._limit = limit
+        self._seen: dict[str, set[str]] = {}
+
+    def __call__(self, key: str, value: str) -> str:
+        seen = self._seen.get(key)
+        if seen is None:
+            seen = self._seen[key] = set()
+        if value in seen:
+            return value
+        if len(seen) >= self._limit or len(value) > 64:
+            return "other"
+        seen.add(value)
+        return value
+
+
 class Metrics:
+    """The metric objects. ``registry`` is what ``/metrics`` exposes (``payload()``)."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        r = self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess = multiprocess_active()
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            self.registry = registry if registry is not None else CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.registry)
+            r: CollectorRegistry | None = None  # values live in the mmap files
+        else:
+            r = self.registry = registry if registry is not None else CollectorRegistry()
+            ProcessCollector(registry=r)
+        self.build_info = Gauge(
+            "gapwatch_build_info", "Always 1; the labels say which gapwatch and Python are running.",
+            ["version", "python_version"], registry=r, multiprocess_mode="max")
         self.requests = Counter(
             "gapwatch_requests", "Proxied requests by route, model, endpoint, status class and outcome.",
             ["route", "model", "endpoint", "streamed", "status_class", "outcome"], registry=r)
         self.request_duration = Histogram(
             "gapwatch_request_duration_seconds",
-            "End-to-end duration of proxied requests (gen_ai.client.operation.duration).",
+            "End-to-end duration of proxied requests (gen_ai.server.request.duration).",
             ["route", "model", "endpoint", "streamed"], buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_duration = Histogram(
-            "gapwatch_upstream_duration_seconds", "Duration of the upstream call, from send to last byte.",
+            "gapwatch_upstream_duration_seconds",
+            "Duration of the upstream call, from send to last byte (gen_ai.client.operation.duration).",
             ["route", "model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram(
             "gapwatch_time_to_first_token_seconds",
@@ -73,8 +171,14 @@ class Metrics:
         self.tokens = Counter(
             "gapwatch_tokens", "Tokens by type (input/output) as reported by the upstream's usage.",
             ["route", "model", "type"], registry=r)
+        self.token_usage = Histogram(
+            "gapwatch_token_usage_tokens", "Tokens per request by type (gen_ai.client.token.usage).",
+            ["route", "model", "type"], buckets=TOKEN_BUCKETS, registry=r)
         self.upstream_errors = Counter(
             "gapwatch_upstream_errors", "Upstream failures by kind.", ["route", "kind"], registry=r)
+        self.retries = Counter(
+            "gapwatch_retries", "Requests sent to the upstream again because a policy asked for a retry.",
+            ["route"], registry=r)
         self.findings = Counter(
             "gapwatch_findings", "Detector findings by detector, category, severity and the action taken.",
             ["route", "model", "detector", "category", "severity", "action"], registry=r)
@@ -84,6 +188,10 @@ class Metrics:
         self.responses_checked = Counter(
             "gapwatch_responses_checked", "Responses that ran through a policy's detectors, by detector "
             "and verdict (pass/flagged), for per-model rates.", ["route", "model", "detector", "verdict"],
+            registry=r)
+        self.responses_classified = Counter(
+            "gapwatch_responses_classified", "Response-level classes detectors report (transparency: "
+            "answered, abstained, refused), for per-model rates.", ["route", "model", "detector", "class"],
             registry=r)
         self.detector_seconds = Counter(
             "gapwatch_detector_seconds", "Time spent inside each detector (single-threaded event loop, so "
@@ -109,3 +217,22 @@ class Metrics:
         self.stream_events = Counter(
             "gapwatch_stream_anomalies", "Malformed or unexpected upstream stream content (non-JSON data, "
             "events after [DONE], overlong lines).", ["kind"], registry=r)
+        self.telemetry_errors = Counter(
+            "gapwatch_telemetry_errors", "Failures inside telemetry itself (span building, export set-up); "
+            "the request is never affected.", ["component"], registry=r)
+        self.build_info.labels(_version(), platform.python_version()).set(1)
+        for kind in STREAM_ANOMALY_KINDS:
+            self.stream_events.labels(kind)
+
+    def payload(self) -> bytes:
+        """The text exposition for ``/metrics``: this process's registry, or the sum over
+        every worker's files in multiprocess mode."""
+        return generate_latest(self.registry)
+
+    def close(self) -> None:
+        """On worker shutdown in multiprocess mode: drop this pid's live-gauge files so the
+        in-flight gauge does not keep counting a dead worker."""
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())

@@ -276,6 +276,7 @@ class ProxyApp:
         fwd.update(upstream.auth_headers(client_auth, gw.tenants.enabled))
         fwd.update(upstream.config.headers)
         fwd["x-request-id"] = ex.request_id
+        fwd.update(gw.telemetry.trace_headers(ex, raw_headers))  # W3C trace context: our upstream span
         fwd["accept-encoding"] = "identity"
         url = upstream.url(ex.path, scope.get("query_string", b""))
 

@@ -1,45 +1,110 @@
-"""Turns each finished exchange (the one "request finished" event) into metrics and incident
-records. Called once per request at the end, after the client has its response; cheap and
-non-blocking (incident writing is queued)."""
+"""Turns each finished exchange (the one "request finished" event) into metrics, spans and
+incident records. Called once per request at the end, after the client has its response;
+cheap and non-blocking (incident writing is queued, span export is batched on a thread).
+
+Nothing here may fail a request: a tracing error is counted in
+``gapwatch_telemetry_errors_total`` and logged once per kind, never raised.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from proxy.config import Config
 from proxy.exchange import Exchange
 from proxy.incidents import IncidentLog
-from proxy.metrics import Metrics
+from proxy.metrics import ENFORCING_ACTIONS, UPSTREAM_ERROR_KINDS, BoundedLabel, Metrics
+from proxy.tracing import Tracing
+
+log = logging.getLogger("gapwatch.telemetry")
 
 
 def status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status < 600 else "none"
 
 
+def route_names(config: Config) -> list[str]:
+    """The route label values (``proxy.routing.Router.route_name``)."""
+    return [r.name or f"route{i}" for i, r in enumerate(config.routes)]
+
+
 class Telemetry:
-    def __init__(self, config: Config, metrics: Metrics) -> None:
+    def __init__(self, config: Config, metrics: Metrics, tracing: Tracing | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.incidents = IncidentLog(config.incidents, metrics)
+        self.tracing = tracing if tracing is not None else Tracing(config)
         self._metrics_on = config.telemetry.metrics.enabled
+        self._category = BoundedLabel()
+        self._logged: set[str] = set()
+        if self._metrics_on:
+            self._initialise_series()
+
+    def _initialise_series(self) -> None:
+        """Zero-valued series for label values known from config, so rates and error panels
+        read 0 (not "no data") before the first event."""
+        m = self.metrics
+        for route in route_names(self.config):
+            for kind in UPSTREAM_ERROR_KINDS:
+                m.upstream_errors.labels(route, kind)
+            for action in ENFORCING_ACTIONS:
+                m.actions.labels(route, action)
+            m.retries.labels(route)
+        for sink in {s.type for s in self.config.incidents.sinks} | {"queue_full"}:
+            m.incident_sink_failures.labels(sink)
+        for alert_sink in {s.type for s in self.config.alerts.sinks}:
+            m.alert_sink_failures.labels(alert_sink)
+        m.telemetry_errors.labels("tracing")
+
+    def use_tracing(self, tracing: Tracing) -> None:
+        """Swap the span builder (tests and benchmarks install an in-memory exporter)."""
+        old, self.tracing = self.tracing, tracing
+        if old is not tracing:
+            old.shutdown()
 
     def start(self) -> None:
         self.incidents.start()
 
     async def stop(self) -> None:
         await self.incidents.stop()
+        self.tracing.shutdown()
+        self.metrics.close()
+
+    def trace_headers(self, ex: Exchange, raw_headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+        """W3C trace context for the upstream request (empty when tracing is off)."""
+        if not self.tracing.enabled:
+            return {}
+        try:
+            return self.tracing.trace_headers(ex, raw_headers)
+        except Exception as exc:  # noqa: BLE001 - tracing must never fail a request
+            self._telemetry_error("tracing", exc)
+            return {}
 
     def finished(self, ex: Exchange) -> None:
+        end = ex.ended or time.perf_counter()
         if self._metrics_on:
-            self._metrics(ex)
+            self._metrics(ex, end)
+        if self.tracing.enabled:
+            try:
+                self.tracing.record(ex, end)
+            except Exception as exc:  # noqa: BLE001 - tracing must never fail a request
+                self._telemetry_error("tracing", exc)
         self._incidents(ex)
 
-    def _metrics(self, ex: Exchange) -> None:
+    def _telemetry_error(self, component: str, exc: Exception) -> None:
+        self.metrics.telemetry_errors.labels(component).inc()
+        key = f"{component}:{type(exc).__name__}"
+        if key not in self._logged:
+            self._logged.add(key)
+            log.exception("%s failed (logged once per error type; counted in "
+                          "gapwatch_telemetry_errors_total)", component)
+
+    def _metrics(self, ex: Exchange, end: float) -> None:
         m = self.metrics
         route, model, ep = ex.route, ex.model_label, ex.endpoint
         streamed = "true" if ex.stream else "false"
-        end = ex.ended or time.perf_counter()
         total = end - ex.started
         m.requests.labels(route, model, ep, streamed, status_class(ex.status), ex.outcome).inc()
         m.request_duration.labels(route, model, ep, streamed).observe(total)
@@ -49,6 +114,8 @@ class Telemetry:
             m.overhead.labels(route, streamed).observe(max(0.0, total - ex.upstream_wait))
         if ex.upstream_error:
             m.upstream_errors.labels(route, ex.upstream_error).inc()
+        if ex.attempts > 1:
+            m.retries.labels(route).inc(ex.attempts - 1)
         if ex.upstream_first_token_at is not None and ex.upstream_started is not None:
             ttft = ex.upstream_first_token_at - ex.upstream_started
             m.ttft.labels(route, model).observe(ttft)
@@ -57,8 +124,10 @@ class Telemetry:
         tout = usage.get("completion_tokens", usage.get("output_tokens"))
         if isinstance(tin, int):
             m.tokens.labels(route, model, "input").inc(tin)
+            m.token_usage.labels(route, model, "input").observe(tin)
         if isinstance(tout, int):
             m.tokens.labels(route, model, "output").inc(tout)
+            m.token_usage.labels(route, model, "output").observe(tout)
             if (tout > 1 and ex.upstream_first_token_at is not None and ex.upstream_ended is not None
                     and ex.stream):
                 m.tpot.labels(route, model).observe(
@@ -66,20 +135,22 @@ class Telemetry:
         policy = ex.policy
         if policy is None or not ex.outcomes:
             return
+        bounded = self._category
         flagged: set[str] = set()
         acted: set[str] = set()
         for o in ex.outcomes:
             for a in o.applied:
                 f = a.finding
                 flagged.add(f.detector)
-                m.findings.labels(route, model, f.detector, f.category, f.severity.label, a.action).inc()
+                m.findings.labels(route, model, f.detector, bounded(f.detector, f.category), f.severity.label,
+                                  a.action).inc()
                 if a.action != "observe":
                     acted.add(a.action)
             for det, ns in o.detector_ns.items():
                 m.detector_seconds.labels(det).inc(ns / 1e9)
             for err in o.detector_errors:
                 det, _, kind = err.partition(":")
-                m.detector_errors.labels(det, kind).inc()
+                m.detector_errors.labels(det, bounded("error:" + det, kind)).inc()
             if o.late_redactions:
                 m.late_redactions.labels(route, "any").inc(o.late_redactions)
         for action in acted:
@@ -89,9 +160,12 @@ class Telemetry:
                 m.responses_checked.labels(route, model, e.name,
                                            "flagged" if e.name in flagged else "pass").inc()
         for o in ex.outcomes[-1:]:
-            score = o.signals.get("grounding.response_score")
-            if isinstance(score, int | float):
-                m.grounding_score.labels(route, model).observe(float(score))
+            for key, value in o.signals.items():
+                det, _, kind = key.partition(".")
+                if kind == "response_score" and det == "grounding" and isinstance(value, int | float):
+                    m.grounding_score.labels(route, model).observe(float(value))
+                elif kind == "classification" and isinstance(value, str):
+                    m.responses_classified.labels(route, model, det, bounded("class:" + det, value)).inc()
 
     def _incidents(self, ex: Exchange) -> None:
         policy = ex.policy
