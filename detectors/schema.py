@@ -508,10 +508,19 @@ class _JsonChannel(ChannelState):
 
     def _problem(self, out: list[Finding], p: Problem) -> None:
         kind, habit, message = p.kind, p.habit, p.message
-        if kind == "syntax" and not p.path and message.startswith("invalid literal") and p.at - self._json_start < 5:
-            kind, habit = "format", "prose"
-            message = "output starts with text, not JSON (leading prose?)"
+        if not p.path and self._first_letter(p.at):
+            # "the answer is {...}" starts like the literal true: call it prose, not a bad literal
+            if kind == "syntax" and message.startswith("invalid literal"):
+                kind, habit = "format", "prose"
+                message = "output starts with text, not JSON (leading prose?)"
+            elif kind == "schema" and p.at == self._json_start:
+                kind, habit = "format", "prose"
+                message = f"output starts with text or a bare literal, not JSON ({message}; leading prose?)"
         self._verdict(out, kind, p.at, p.span, p.path, message, habit)
+
+    def _first_letter(self, at: int) -> bool:
+        """The document starts with t/f/n and ``at`` is within its first word."""
+        return bool(self._doc) and self._doc[0][:1] in "tfn" and at - self._json_start < 5
 
     # -- feeding -------------------------------------------------------------------------------
     def feed(self, text: str) -> list[Finding]:
