@@ -35,7 +35,16 @@ def _serve(args: argparse.Namespace) -> int:
             os.environ["GAPWATCH_CONFIG"] = os.path.abspath(args.config)
         if args.upstream:
             os.environ["GAPWATCH_UPSTREAM"] = args.upstream
-        uvicorn.run("proxy.app:from_env", factory=True, host=host, port=port, workers=workers, **common)
+        from proxy.metrics import multiprocess_directory, serve_multiprocess_metrics
+
+        # every worker writes its metric values to files in one directory; /metrics sums them
+        with multiprocess_directory() as metrics_dir:
+            if server.metrics_port is not None:
+                # the supervisor serves the summed /metrics on the metrics port; workers then keep
+                # /metrics and admin routes off the public port, as in single-process mode
+                os.environ["GAPWATCH_SEPARATE_ADMIN"] = "1"
+                serve_multiprocess_metrics(server.metrics_host, server.metrics_port, metrics_dir)
+            uvicorn.run("proxy.app:from_env", factory=True, host=host, port=port, workers=workers, **common)
         return 0
     separate = server.metrics_port is not None
     app = create_app(loaded, separate_admin=separate)

@@ -30,12 +30,16 @@ proxy and assert exact values.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import platform
-from collections.abc import Iterable
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from importlib import metadata
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -79,6 +83,43 @@ def multiprocess_active() -> bool:
     """True when this process writes metric values to mmap files. prometheus-client decides
     once, when it is first imported, so the environment variable alone is not enough."""
     return bool(getattr(values.ValueClass, "_multiprocess", False)) and multiprocess_dir() is not None
+
+
+@contextlib.contextmanager
+def multiprocess_directory() -> Iterator[str]:
+    """For ``gapwatch serve --workers N``, in the supervisor before any worker starts: the
+    directory where every worker writes its metric values, exported as
+    ``PROMETHEUS_MULTIPROC_DIR`` so the spawned workers inherit it.
+
+    A directory the operator chose is emptied of ``*.db`` files first (prometheus-client
+    requires a clean directory per run: stale files from a previous run would be added to the
+    new totals); otherwise a private temporary directory is created and removed on exit."""
+    chosen = multiprocess_dir()
+    if chosen:
+        path = Path(chosen)
+        path.mkdir(parents=True, exist_ok=True)
+        for f in path.glob("*.db"):
+            f.unlink(missing_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+        yield str(path)
+        return
+    tmp = tempfile.mkdtemp(prefix="gapwatch-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tmp
+    try:
+        yield tmp
+    finally:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def serve_multiprocess_metrics(host: str, port: int, path: str) -> None:
+    """Serve ``/metrics`` (every worker's values summed) from the supervisor process on the
+    configured ``server.metrics_port``; a daemon thread, it ends with the process."""
+    from prometheus_client import multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)
+    start_http_server(port, addr=host, registry=registry)
 
 
 def _version() -> str:

@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import orjson
+from opentelemetry.sdk.trace.id_generator import IdGenerator
 
 from proxy.config import Config
 from proxy.exchange import Exchange, request_messages
@@ -425,7 +426,7 @@ def _content_attributes(ex: Exchange) -> dict[str, str]:
     return out
 
 
-class _PresetIds:
+class _PresetIds(IdGenerator):
     """IdGenerator that hands out the ids drawn in ``trace_headers`` (set just before each
     ``start_span``; spans are only started on the event-loop thread), random ones otherwise."""
 
@@ -440,3 +441,6 @@ class _PresetIds:
     def generate_trace_id(self) -> int:
         v, self.trace_id = self.trace_id, 0
         return v or secrets.randbits(128) or 1
+
+    def is_trace_id_random(self) -> bool:
+        return True  # drawn with secrets.randbits (W3C Trace Context level 2 "random" flag)
