@@ -148,7 +148,6 @@ class JsonStream:
     __slots__ = (
         "_checker",
         "_comma",
-        "_count",
         "_hex",
         "_keysets",
         "_kinds",
@@ -172,7 +171,6 @@ class JsonStream:
         self._kinds: list[int] = []  # OBJ/ARR per open container
         self._path: list[str | int] = []  # current key / index per open container
         self._keysets: list[set[str] | None] = []
-        self._count: list[int] = []  # items so far per open array
         self._parts: list[str] = []  # string / number / literal text carried across pieces
         self._start = 0  # absolute offset where the current token began
         self._str_key = False
@@ -290,9 +288,7 @@ class JsonStream:
                             i += 1
                             continue
                         return i
-                    cnt = self._count
-                    path[-1] = cnt[-1]
-                    cnt[-1] += 1
+                    path[-1] += 1  # the array's entry is the index of its current item
                 if c == '"':
                     if chk is not None:
                         v = chk.value(STR, at)
@@ -321,9 +317,8 @@ class JsonStream:
                         self._keysets.append(set())
                         st = _OBJ_FIRST
                     else:
-                        path.append(0)
+                        path.append(-1)
                         self._keysets.append(None)
-                        self._count.append(0)
                         st = _ARR_FIRST
                     i += 1
                     continue
@@ -492,7 +487,7 @@ class JsonStream:
         """``}`` or ``]`` at ``at``: the checker's last word on the container, then pop it.
         Returns the next state (``_AFTER``, ``_DONE`` or ``_FAIL``)."""
         keys = self._keysets[-1]
-        count = self._count[-1] if kind == ARR else len(keys or ())
+        count = self._path[-1] + 1 if kind == ARR else len(keys or ())  # type: ignore[operator]
         if self._checker is not None:
             v = self._checker.close(kind, at, keys, count)
             if v is not None:
@@ -501,8 +496,6 @@ class JsonStream:
         self._kinds.pop()
         self._path.pop()
         self._keysets.pop()
-        if kind == ARR:
-            self._count.pop()
         if not self._kinds:
             self._state = _DONE
             self.end = at + 1
@@ -591,12 +584,14 @@ class JsonStream:
         where = _WHERE.get(st, "inside a value")
         if st == _LIT:
             where = f"inside the literal '{self._lit[0]}'"
+        path = tuple(self._path)
+        if path and path[-1] in ("", -1):  # nothing inside the innermost container yet
+            path = path[:-1]
         if truncated:
             msg = f"output was cut off {where} (incomplete JSON)"
-            self.problem = Problem("truncated", at, (at, at), tuple(self._path), msg)
+            self.problem = Problem("truncated", at, (at, at), path, msg)
         else:
-            self.problem = Problem("syntax", at, (at, at), tuple(self._path),
-                                   f"unexpected end of output {where} (incomplete JSON)")
+            self.problem = Problem("syntax", at, (at, at), path, f"unexpected end of output {where} (incomplete JSON)")
         self._state = _FAIL
         return self.problem
 

@@ -20,7 +20,8 @@ per channel at most: a channel that already failed early reports nothing more at
 Model habits are explicit: a Markdown code fence, prose before the JSON, a trailing comma.
 By default each is a failure (category ``format``); ``strip_fence``, ``skip_prose`` and
 ``allow_trailing_commas`` accept them instead (a low-severity ``format`` note, the JSON inside
-is judged).
+is judged). Output that starts with t/f/n where the schema wants no bare literal ("the answer
+is ...") is classified as prose too, at its first character.
 
 Findings: ``category`` = ``attrs["kind"]`` ∈ syntax | schema | unknown_tool | truncated |
 format for failures (severity high, ``attrs["verdict"] = True``); low/medium notes with
@@ -252,44 +253,43 @@ class SchemaDetector(Detector):
     def applies(self, ctx: RequestContext, channel: Channel | None = None) -> bool:
         """Whether this response (or one channel of it) is validated. Cheap: compiles nothing.
 
-        With ``channel``: a text channel is validated when a schema applies to it; a tool-call
-        channel whenever ``check_tool_calls`` is on (an undeclared tool is a finding too).
+        With ``channel``: a text channel is validated when a schema applies to it (see the
+        module docstring); a tool-call channel whenever ``check_tool_calls`` is on, except
+        for free-form (``custom``) tools; an undeclared tool is validated (and fails).
         Without: whether any channel of the response can be validated."""
         if channel is not None and channel.kind == "tool_call":
-            return self.cfg.check_tool_calls
-        text = self.cfg.check_response_format and (
-            self._header_schema(ctx) is not None
-            or _response_format_schema(ctx.response_format)[0] != ""
-            or self.cfg.default_schema is not None
-        )
+            if not self.cfg.check_tool_calls:
+                return False
+            return channel.tool_name is None or _declared_tool(ctx.tools, channel.tool_name)[1] is not _FREEFORM
+        text = self._text_target(ctx)[0] is not None
         if channel is not None:
             return text and channel.kind == "text"
         return text or (self.cfg.check_tool_calls and bool(ctx.tools))
 
-    def _header_schema(self, ctx: RequestContext) -> Compiled | None:
-        name = ctx.headers.get(HEADER)
-        return self._routes.get(name.strip()) if name else None
-
-    def prepare(self, ctx: RequestContext) -> _Plan:
-        plan = _Plan(ctx)
+    def _text_target(self, ctx: RequestContext) -> tuple[Any, str, str | None]:
+        """(a Compiled or a raw schema to compile | None, source label, unknown header name)."""
         if not self.cfg.check_response_format:
-            return plan
+            return None, "", None
+        unknown = None
         header = ctx.headers.get(HEADER)
         if header:
             name = header.strip()
             if name in self._routes:
-                plan.text, plan.text_source = self._routes[name], f"route:{name}"
-                return plan
-            plan.unknown_header = name
+                return self._routes[name], f"route:{name}", None
+            unknown = name
         kind, schema = _response_format_schema(ctx.response_format)
         if kind == "json_object":
-            plan.text, plan.text_source = self._json_object, "json_object"
-        elif kind == "json_schema":
-            plan.text, plan.text_source = schema, "response_format"
-        elif plan.unknown_header is None and self.cfg.default_schema is not None:
+            return self._json_object, "json_object", unknown
+        if kind == "json_schema":
+            return schema, "response_format", unknown
+        if unknown is None and self.cfg.default_schema is not None:
             name = self.cfg.default_schema
-            plan.text, plan.text_source = self._routes[name], f"route:{name}"
-        return plan
+            return self._routes[name], f"route:{name}", None
+        return None, "", unknown
+
+    def prepare(self, ctx: RequestContext) -> _Plan:
+        target, source, unknown = self._text_target(ctx)
+        return _Plan(ctx, target, source, unknown)
 
     def open_channel(self, prepared: _Plan, channel: Channel) -> ChannelState | None:
         plan = prepared
@@ -445,6 +445,7 @@ class _JsonChannel(ChannelState):
         self._doc_len = 0
         self._overflow = False
         self._max_doc = cfg.max_document_chars
+        self._comma_noted = False
         self._habits: set[str] = set()
         self._finished = False
         if unknown_tool is not None:
@@ -524,19 +525,27 @@ class _JsonChannel(ChannelState):
 
     # -- feeding -------------------------------------------------------------------------------
     def feed(self, text: str) -> list[Finding]:
-        out: list[Finding] = self._pending
-        if out:
-            self._pending = []
-        else:
-            out = []
         base = self._n
-        self._n = base + len(text)
         n = len(text)
-        i = 0
+        self._n = base + n
+        if self._phase == _BODY and not self._pending:  # the hot path: inside the document
+            parser = self._parser
+            j = parser.feed(text, 0, base)
+            if (j == n and parser.problem is None and parser.end < 0 and self._doc_len + n <= self._max_doc
+                    and (not parser.trailing_commas or self._comma_noted)):
+                self._doc.append(text)
+                self._doc_len += n
+                return []
+            out: list[Finding] = []
+            i = self._settle_body(text, 0, j, out)
+        else:
+            out = self._pending
+            self._pending = []
+            i = 0
         while i < n:
             phase = self._phase
             if phase == _BODY:
-                i = self._body(text, i, base, out)
+                i = self._settle_body(text, i, self._parser.feed(text, i, base), out)
             elif phase == _LEAD:
                 i = self._lead(text, i, base, out)
             elif phase == _TRAIL:
@@ -545,20 +554,16 @@ class _JsonChannel(ChannelState):
                 break
         return out
 
-    def _body(self, text: str, i: int, base: int, out: list[Finding]) -> int:
+    def _settle_body(self, text: str, i: int, j: int, out: list[Finding]) -> int:
+        """After the parser consumed ``text[i:j]``: keep it, report, move to the next phase."""
         parser = self._parser
-        j = parser.feed(text, i, base)
         if parser.problem is not None:
             self._keep(text, i, len(text), out)
             self._problem(out, parser.problem)
             return len(text)
-        if not self._overflow:
-            if self._doc_len + (j - i) <= self._max_doc:
-                self._doc.append(text[i:j] if i or j < len(text) else text)
-                self._doc_len += j - i
-            else:
-                self._keep(text, i, j, out)
-        if parser.trailing_commas and "trailing_comma" not in self._habits:
+        self._keep(text, i, j, out)
+        if parser.trailing_commas and not self._comma_noted:
+            self._comma_noted = True
             c = parser.trailing_commas[0]
             self._habit(out, "trailing_comma", (c, c + 1), "trailing comma in the JSON (accepted: "
                         "allow_trailing_commas)")
@@ -773,8 +778,8 @@ class _JsonChannel(ChannelState):
                 at = start + min(max(e.pos, 0), len(doc))
                 self._verdict(out, "syntax", at, (at, at + 1), (), f"invalid JSON: {e.msg}")
                 return
-        if compiled is None or compiled.validator is None:
-            return
+        if compiled is None or compiled.validator is None or compiled.validator.is_valid(parsed):
+            return  # is_valid short-circuits: about half the cost of collecting errors
         errors = compiled.validator.iter_errors(parsed)
         first = next(errors, None)
         if first is None:

@@ -218,6 +218,11 @@ def test_response_format_shapes_and_applies() -> None:
     tools = RequestContext(tools=({"type": "function", "function": {"name": "f"}},))
     assert DET.applies(tools) and not DET.applies(tools, TEXT)
     assert DET.applies(tools, Channel(kind="tool_call", tool_index=0, tool_name="f"))
+    assert not DET.applies(RequestContext(tools=TOOLS_CHAT), Channel(kind="tool_call", tool_index=0, tool_name="sql"))
+    routed = SchemaConfig(schemas={"a": {}}, default_schema="a").build()
+    assert isinstance(routed, SchemaDetector)
+    assert routed.applies(RequestContext(), TEXT)
+    assert not routed.applies(RequestContext(headers={"x-gapwatch-schema": "nope"}), TEXT)  # as prepare decides
     off = SchemaConfig(check_response_format=False, check_tool_calls=False).build()
     assert isinstance(off, SchemaDetector)
     assert not off.applies(chat) and run(off, chat, "nope") == []
@@ -273,6 +278,8 @@ def test_unknown_tool_and_free_form_tools() -> None:
     [g] = run(DET, RequestContext(), "{}", channel=tool(0, "anything"))
     assert g.category == "unknown_tool" and "declared: none" in g.message
     assert run(DET, ctx, "SELECT * FROM t -- not JSON", channel=tool(0, "sql")) == []
+    responses_custom = RequestContext(tools=({"type": "custom", "name": "sql"},))
+    assert run(DET, responses_custom, "SELECT 1", channel=tool(0, "sql")) == []
 
 
 def test_tool_arguments_edge_cases() -> None:
