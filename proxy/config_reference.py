@@ -335,10 +335,11 @@ def _source_notes(model: type) -> dict[str, str]:
 
 
 def _markdown(text: str) -> str:
-    """One table-cell line: RST ``code`` -> `code`; outside code spans, escape ``|``, ``<``, ``>``."""
-    parts = " ".join(text.replace("``", "`").split()).split("`")
+    """One table-cell line: RST ``code`` -> `code`; ``|`` escaped everywhere (GFM splits cells on
+    pipes inside code spans too), ``<`` and ``>`` outside code spans (else they read as HTML)."""
+    parts = " ".join(text.replace("``", "`").split()).replace("|", "\\|").split("`")
     for i in range(0, len(parts), 2):
-        parts[i] = parts[i].replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+        parts[i] = parts[i].replace("<", "&lt;").replace(">", "&gt;")
     return "`".join(parts)
 
 
