@@ -37,7 +37,6 @@ import platform
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
@@ -47,9 +46,13 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
     values,
 )
+
+# No ``*_created`` series: they double the series count and no dashboard or rule uses them.
+disable_created_metrics()
 
 # LLM latencies: tens of milliseconds to minutes
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
@@ -67,6 +70,9 @@ UPSTREAM_ERROR_KINDS = ("connect", "connect_timeout", "first_byte_timeout", "idl
                         "protocol", "max_duration", "line_too_long", "status_4xx", "status_5xx")
 STREAM_ANOMALY_KINDS = ("after_done", "non_json", "non_object", "missing_choices", "line_too_long")
 ENFORCING_ACTIONS = ("annotate", "redact", "block", "retry")
+
+MAX_MODEL_LABELS = 64  # distinct model label values, whatever the allow-list globs admit
+MEMO_ENTRIES = 8192
 
 MULTIPROC_ENV = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
 
@@ -131,19 +137,33 @@ def _version() -> str:
 
 class ModelLabel:
     """Maps a model name to a bounded label value: allow-listed globs keep the name (capped
-    in length), everything else is ``other``."""
+    in length), everything else is ``other``.
 
-    def __init__(self, allowlist: Iterable[str]) -> None:
+    A glob such as ``gpt-4o*`` still admits names the client makes up (``gpt-4o-<random>``),
+    so at most ``max_models`` distinct names are ever admitted; later ones count as
+    ``other``. The memo of decisions is bounded too: a flood of random names costs one
+    ``fnmatch`` pass each, never memory."""
+
+    def __init__(self, allowlist: Iterable[str], max_models: int = MAX_MODEL_LABELS) -> None:
         self._allow = tuple(allowlist)
-        self._cache = lru_cache(maxsize=4096)(self._compute)
+        self._max = max_models
+        self._admitted: set[str] = set()
+        self._memo: dict[str, str] = {}
 
-    def _compute(self, model: str) -> str:
-        if len(model) <= 64 and any(fnmatch.fnmatchcase(model, p) for p in self._allow):
-            return model
-        return "other"
+    def _allowed(self, model: str) -> bool:
+        return len(model) <= 64 and any(fnmatch.fnmatchcase(model, p) for p in self._allow)
 
     def __call__(self, model: str) -> str:
-        return self._cache(model)
+        label = self._memo.get(model)
+        if label is not None:
+            return label
+        label = "other"
+        if self._allowed(model) and (model in self._admitted or len(self._admitted) < self._max):
+            self._admitted.add(model)
+            label = model
+        if len(self._memo) < MEMO_ENTRIES:
+            self._memo[model] = label
+        return label
 
 
 class BoundedLabel:

@@ -187,9 +187,7 @@ def test_traceparent_parsing_and_provider_names() -> None:
 # -- OTLP over HTTP to a real receiver ------------------------------------------------------------
 
 class _Receiver(BaseHTTPRequestHandler):
-    requests: list[tuple[str, bytes]]
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server API
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length", 0)))
         if self.headers.get("content-encoding") == "gzip":
             body = gzip.decompress(body)
