@@ -56,23 +56,28 @@ from detectors.injection_links import (
     AFTER_CHARS,
     BEFORE_CHARS,
     EMAIL,
+    EMAIL_STREAM,
     Link,
     LinkScanner,
     data_evidence,
     homograph_of,
     host_allowed,
     host_of,
+    host_set,
     hosts_in,
+    planted_parent,
     printable_text,
+    valid_email,
 )
 from detectors.injection_phrases import (
     Cluster,
     Clusterer,
     PhraseBook,
+    echo_tokens,
+    echo_words,
     sentence_bounds,
     split_sentences,
     token_words,
-    tokens,
 )
 from detectors.injection_unicode import InvisibleScanner, runs_in
 from detectors.redaction import mask, placeholder
@@ -100,8 +105,10 @@ _MIN_TARGET_WORDS = 4  # shorter planted sentences are merged with the next for 
 _SMUGGLING_LOOKBACK = 257  # InvisibleScanner reports a 256-char piece on the 257th char
 _EMAIL_WINDOW = 256
 _PAYLOAD_WINDOW = 256
-_B64 = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/_-]{24,16384}={0,2}(?![A-Za-z0-9+/=_-])")
-_HEX = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}){12,8192}(?![0-9A-Fa-f])")
+# RE2 (linear time); runs are maximal by construction, so no look-around is needed.
+_B64 = re2.compile(r"[A-Za-z0-9+/_-]{24,}={0,2}")
+_HEX = re2.compile(r"(?:[0-9A-Fa-f]{2}){12,}")
+_MAX_BLOB_CHARS = 16384
 _STOP = frozenset((
     "the", "and", "for", "with", "from", "this", "that", "you", "your", "are", "was", "were",
     "have", "has", "not", "but", "all", "any", "can", "will", "about", "into", "more", "other",
@@ -134,6 +141,7 @@ class InjectionConfig(DetectorConfig):
     echo_shingle_words: int = Field(default=4, ge=2, le=12)
     echo_min_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
     echo_min_shingles: int = Field(default=3, ge=1, le=100)
+    echo_enough_shingles: int = Field(default=5, ge=1, le=1000)
     # ---- exfiltration
     allowed_hosts: tuple[str, ...] = ()
     flag_unknown_images: bool = True
@@ -341,8 +349,11 @@ class InjectionDetector(Detector):
             for toks in _targets(region, c.start, c.end):
                 targets.append((sid, toks))
             if c.encoded:
-                rot = region[c.start : c.end].encode("ascii", "replace").decode("ascii")
-                plain = _rot13(rot)
+                # decode the whole lines around the cluster: the encoded URL or address
+                # often follows the encoded imperative
+                ls = region.rfind("\n", 0, c.start) + 1
+                le = region.find("\n", c.end)
+                plain = _rot13(region[ls : le if le >= 0 else len(region)])
                 decoded[sid] = [plain]
                 for toks in _targets(plain, 0, len(plain)):
                     targets.append((sid, toks))
@@ -389,7 +400,8 @@ class InjectionDetector(Detector):
                 table[h] = (*table.get(h, ()), tid)
             vocab.update(toks)
             n = len(sh)
-            need.append(min(n, max(self.cfg.echo_min_shingles, math.ceil(self.cfg.echo_min_fraction * n))))
+            frac = math.ceil(self.cfg.echo_min_fraction * n)
+            need.append(min(n, max(self.cfg.echo_min_shingles, min(frac, self.cfg.echo_enough_shingles))))
             total.append(n)
             span_of.append(sid)
         return _EchoIndex(frozenset(vocab), tuple(sorted(by_size)), by_size, need, total, span_of)
@@ -415,13 +427,15 @@ class InjectionDetector(Detector):
                 continue
             windows = taint.get(msg.index, [])
             regions = p.regions.get(msg.index, [])
-            for host, s, _ in hosts_in(text):
-                sid = _in_windows(windows, s)
-                if sid is None:
-                    known.add(host)
-                else:
+            pos = 0
+            for s, e, sid in sorted(windows):  # hosts inside taint windows are attacker hosts
+                if s > pos:
+                    known |= host_set(text, pos, s)
+                for host, _, _ in hosts_in(text, max(s, pos), min(e, len(text))):
                     planted_h.setdefault(host, sid)
-            for m in EMAIL.finditer(text):
+                pos = max(pos, e)
+            known |= host_set(text, min(pos, len(text)))
+            for m in EMAIL.finditer(text) if "@" in text else ():
                 e = m.group().lower()
                 sid = _in_windows(windows, m.start())
                 if sid is not None:
@@ -504,7 +518,7 @@ def _targets(text: str, start: int, end: int) -> list[list[str]]:
     out: list[list[str]] = []
     pending: list[str] = []
     for s, e in split_sentences(text, start, end):
-        pending = pending + token_words(text[s:e])
+        pending = pending + echo_words(text[s:e])
         if len(pending) >= _MIN_TARGET_WORDS:
             out.append(pending)
             pending = []
@@ -524,8 +538,9 @@ def _blobs(region: str, budget: list[int]) -> list[tuple[str, int, int, str]]:
             if budget[0] <= 0:
                 return out
             s = m.group()
-            if enc == "base64" and (s.isalpha() and (s.islower() or s.isupper())):
-                continue  # a long word, not a blob
+            if len(s) > _MAX_BLOB_CHARS or (
+                    enc == "base64" and s.isalpha() and (s.islower() or s.isupper())):
+                continue  # too long to decode here, or a long word rather than a blob
             budget[0] -= 1
             plain = _decode(s, enc)
             if plain is None:
@@ -685,7 +700,7 @@ class _BaseState(ChannelState):
         s0, s1 = start + lead, start + lead + len(body)
         out: list[Finding] = []
         if self._echo is not None:
-            fired, touched = self._echo.add(tokens(body, s0))
+            fired, touched = self._echo.add(echo_tokens(body, s0))
             if touched:
                 self._ties[s0] = min(touched)
                 if len(self._ties) > 256:
@@ -696,7 +711,7 @@ class _BaseState(ChannelState):
         if self._do_prop:
             book = self.det.book
             hits = book.hits(body)
-            contrib = book.contributions(hits, book.sentence_factor(body)) if hits else {}
+            contrib = book.contributions(hits, book.sentence_factor(body, hits)) if hits else {}
             crossed = self._clusters.add(s0, s1, contrib)
             if crossed is not None:
                 out.append(self._propagation_finding(crossed))
@@ -751,7 +766,7 @@ class _BaseState(ChannelState):
             if r.decoded:
                 attrs["decoded_chars"] = len(r.decoded)
                 if self.p.echo is not None:
-                    tie = self._tie_tokens(token_words(r.decoded))
+                    tie = self._tie_tokens(echo_words(r.decoded))
                     if tie is not None:
                         attrs.update(self.p.spans[tie].attrs())
             out.append(Finding(
@@ -836,7 +851,7 @@ class _TextState(_BaseState):
         art = det.artefacts(self.p)
         if host_allowed(host, art.known_hosts, det.cfg.allowed_hosts):
             return None
-        sid = art.planted_hosts.get(host)
+        sid = planted_parent(host, art.planted_hosts)
         homograph = homograph_of(host, art.known_hosts)
         ev = data_evidence(link.url, host, art.vocab, art.values, art.emails)
         data = ev.score >= det.cfg.exfil_data_min_score
@@ -882,7 +897,7 @@ class _ToolState(_BaseState):
         super().__init__(det, p, channel)
         on = "tool_misuse" in det._cats and bool(p.spans)
         self._links = LinkScanner(det.cfg.max_url_chars, json_mode=True) if on else None
-        self._emails = StreamScanner(EMAIL, _EMAIL_WINDOW) if on else None
+        self._emails = StreamScanner(EMAIL_STREAM, _EMAIL_WINDOW) if on else None
         self._payloads = (StreamScanner(det._payload_rx, _PAYLOAD_WINDOW)
                           if on and det._payload_rx is not None else None)
         self._held = ""
@@ -918,7 +933,7 @@ class _ToolState(_BaseState):
             return out
         for link in links:
             host = host_of(link.url)
-            sid = art.planted_hosts.get(host) if host else None
+            sid = planted_parent(host, art.planted_hosts) if host else None
             if sid is None or host is None or host_allowed(host, (), self.det.cfg.allowed_hosts):
                 continue
             ev = data_evidence(link.url, host, art.vocab, art.values, art.emails)
@@ -926,14 +941,17 @@ class _ToolState(_BaseState):
             out.append(self._finding(sid, "url", link.start, link.end, link.url,
                                      Severity.critical if data else Severity.high,
                                      placeholder("url"), {"data_score": round(ev.score, 2)}))
-        for s, e, m in emails:
-            addr = m.group().lower()
+        for s, _, m in emails:
+            found = valid_email(m.group())
+            if found is None:
+                continue
+            addr, e = found.lower(), s + len(found)
             sid = art.planted_emails.get(addr)
             if sid is None and addr not in art.trusted_emails:
-                sid = art.planted_hosts.get(addr.rsplit("@", 1)[-1])
+                sid = planted_parent(addr.rsplit("@", 1)[-1], art.planted_hosts)
             if sid is None:
                 continue
-            out.append(self._finding(sid, "email", s, e, m.group(), Severity.high,
+            out.append(self._finding(sid, "email", s, e, found, Severity.high,
                                      placeholder("email"), {}))
         for s, e, m in pays:
             norm = _norm_payload(m.group())

@@ -102,9 +102,47 @@ def tokens(text: str, base: int = 0) -> list[tuple[str, int, int]]:
     return out
 
 
+_URL = re.compile(r"(?i)\b(?:https?|ftp):(?:\\?/){2}([^\s/?#<>\"'`\\(){}\[\]|^]+)[^\s<>\"'`(){}\[\]|^]*")
+
+
+def echo_tokens(text: str, base: int = 0) -> list[tuple[str, int, int]]:
+    """``tokens`` with every URL collapsed into one token (its host), so that a copied URL
+    counts as one word of an echo rather than six."""
+    toks = tokens(text, base)
+    if "://" not in text and ":\\/\\/" not in text:
+        return toks
+    urls = [(base + m.start(), base + m.end(), m.group(1).lower()) for m in _URL.finditer(text)]
+    out: list[tuple[str, int, int]] = []
+    i = 0
+    for tok in toks:
+        while i < len(urls) and urls[i][1] <= tok[1]:
+            i += 1
+        if i < len(urls) and urls[i][0] <= tok[1]:
+            s, e, host = urls[i]
+            if not out or out[-1][1] != s:
+                out.append((host, s, e))
+            continue
+        out.append(tok)
+    return out
+
+
+def echo_words(text: str) -> list[str]:
+    return [t for t, _, _ in echo_tokens(text)]
+
+
+def fast_normalise(text: str) -> str:
+    """``normalise_with_map(text)[0]`` without building the offset map."""
+    if text.isascii():
+        return text.lower()
+    return "".join(
+        m.group().lower() if m.group()[0] < "\x80" else "".join(_norm_char(c) for c in m.group())
+        for m in _RUNS.finditer(text)
+    )
+
+
 def token_words(text: str) -> list[str]:
     """Normalised tokens only (cheaper than ``tokens`` when offsets are not needed)."""
-    return TOKEN.findall(normalise(text))
+    return TOKEN.findall(fast_normalise(text))
 
 
 def sentence_bounds(raw: str, s: int, e: int, cap: int = _SENTENCE_CAP_CHARS) -> tuple[int, int]:
@@ -401,6 +439,13 @@ class PhraseBook:
             found.append(Hit(owner, *raw_span(idx, s, e)))
         if rot13:
             plain = {(h.entry, h.start) for h in found}
+            r = codecs.encode(norm, "rot13")
+            for owner, s, e in self._text.finditer(r):
+                s, e = _trim(r, s, e)
+                hit = Hit(owner, *raw_span(idx, s, e), encoded=True)
+                if (owner, hit.start) not in plain:
+                    found.append(hit)
+            plain = {(h.entry, h.start) for h in found}
             r = codecs.encode(g, "rot13")
             for owner, s, e in self._words.finditer(r):
                 s, e = _trim(r, s, e)
@@ -409,13 +454,15 @@ class PhraseBook:
                     found.append(hit)
         return [h for h in found if h.end > h.start and not is_quoted(raw, h.start, h.end)]
 
-    def sentence_factor(self, sentence: str) -> float:
-        """Down-weighting for sentences about injection, or conditional documentation."""
-        g = gapped(normalise(sentence))
+    def sentence_factor(self, sentence: str, hits: Iterable[Hit] = ()) -> float:
+        """Down-weighting for sentences about injection, or conditional documentation. A
+        condition on being a model ("If you are an AI assistant, ...") is not documentation."""
+        g = gapped(fast_normalise(sentence))
         f = 1.0
         if self._mention.any(g):
             f *= self.mention_factor
-        if self._conditional is not None and self._conditional.search(g):
+        if (self._conditional is not None and self._conditional.search(g)
+                and not any(self.entries[h.entry].style == "addressee" for h in hits)):
             f *= self.conditional_factor
         return f
 
@@ -438,7 +485,7 @@ class PhraseBook:
             by_sentence.setdefault(sentence_bounds(raw, h.start, h.end), []).append(h)
         cl = Clusterer(threshold, gap_chars)
         for (s, e), hs in sorted(by_sentence.items()):
-            contrib = self.contributions(hs, self.sentence_factor(raw[s:e]))
+            contrib = self.contributions(hs, self.sentence_factor(raw[s:e], hs))
             cl.add(s, e, contrib, encoded=any(h.encoded for h in hs))
         return [c for c in cl.clusters if c.fired]
 

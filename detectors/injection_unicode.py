@@ -14,6 +14,7 @@ overrides and isolates (U+202A–E, U+2066–9) are.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 INVISIBLE = re.compile(
@@ -42,7 +43,8 @@ def _emojiish(ch: str) -> bool:
 
 
 def _joining_letter(ch: str) -> bool:
-    return ch.isalpha() and not ch.isascii()
+    """A non-ASCII letter or combining mark (a virama before ZWJ in Devanagari)."""
+    return not ch.isascii() and (ch.isalpha() or unicodedata.category(ch) in ("Mn", "Mc"))
 
 
 def _ideograph(ch: str) -> bool:
@@ -83,6 +85,8 @@ def classify(run: str, prev: str, nxt: str, at_text_start: bool) -> str | None:
 def runs_in(text: str) -> list[InvisibleRun]:
     """Every non-exempt invisible run in a complete text."""
     out: list[InvisibleRun] = []
+    if text.isascii():
+        return out
     for m in INVISIBLE.finditer(text):
         s, e = m.start(), m.end()
         kind = classify(m.group(), text[s - 1] if s else "", text[e] if e < len(text) else "", s == 0)
