@@ -19,6 +19,7 @@ FAMILY_MODULES = (
     "detectors.grounding",
     "detectors.uncertainty",
     "detectors.transparency",
+    "detectors.schema",
 )
 
 

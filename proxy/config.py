@@ -297,7 +297,8 @@ def _pydantic_problems(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> li
     return out
 
 
-def build_detector_entry(policy: str, name: str, raw: Any, problems: list[str]) -> DetectorEntry | None:
+def build_detector_entry(policy: str, name: str, raw: Any, problems: list[str],
+                         config_dir: str | None = None) -> DetectorEntry | None:
     loc = ("policies", policy, "detectors", name)
     known = registry.configs()
     if name not in known:
@@ -311,7 +312,7 @@ def build_detector_entry(policy: str, name: str, raw: Any, problems: list[str]) 
     common = {k: v for k, v in raw.items() if k in POLICY_KEYS}
     settings_raw = {k: v for k, v in raw.items() if k not in POLICY_KEYS}
     try:
-        settings = known[name].model_validate(settings_raw)
+        settings = known[name].model_validate(settings_raw, context={"config_dir": config_dir or os.getcwd()})
     except ValidationError as exc:
         problems.extend(_pydantic_problems(exc, loc))
         return None
@@ -358,7 +359,7 @@ def _check_references(cfg: Config, problems: list[str]) -> None:
             problems.append(f"alerts.sinks[{i}].url: a {sink.type} sink needs a url")
 
 
-def load_dict(raw: Any, env: Mapping[str, str] | None = None) -> LoadedConfig:
+def load_dict(raw: Any, env: Mapping[str, str] | None = None, config_dir: str | None = None) -> LoadedConfig:
     """Validate an already-parsed YAML document; raise ConfigError listing every problem."""
     env = os.environ if env is None else env
     problems: list[str] = []
@@ -379,14 +380,14 @@ def load_dict(raw: Any, env: Mapping[str, str] | None = None) -> LoadedConfig:
             dets = praw.get("detectors") if isinstance(praw, dict) else None
             if isinstance(dets, dict):
                 for dname, draw in dets.items():
-                    build_detector_entry(str(pname), str(dname), draw, problems)
+                    build_detector_entry(str(pname), str(dname), draw, problems, config_dir)
         raise ConfigError(problems) from None
     _check_references(cfg, problems)
     entries: dict[str, tuple[DetectorEntry, ...]] = {}
     for pname, policy in cfg.policies.items():
         built = []
         for dname, draw in policy.detectors.items():
-            entry = build_detector_entry(pname, dname, draw, problems)
+            entry = build_detector_entry(pname, dname, draw, problems, config_dir)
             if entry is not None and (not isinstance(draw, dict) or draw.get("enabled", True)):
                 built.append(entry)
         entries[pname] = tuple(built)
@@ -407,7 +408,7 @@ def load_file(path: str | Path, env: Mapping[str, str] | None = None) -> LoadedC
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError([f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
-    return load_dict(raw, env)
+    return load_dict(raw, env, config_dir=str(p.resolve().parent))
 
 
 def load(path: str | Path | None, upstream: str | None = None) -> LoadedConfig:
