@@ -50,6 +50,21 @@ class Exchange:
     client_disconnected: bool = False
     strip_logprobs: bool = False  # the proxy asked for logprobs the client did not
     signals: dict[str, Any] = field(default_factory=dict)  # response-level detector signals
+    # set to {} when this exchange is sampled for traffic capture: channel key -> text pieces
+    # as the upstream sent them (before redaction), plus tool names
+    outputs: dict[str, list[str]] | None = None
+    tool_names: dict[str, str] = field(default_factory=dict)
+
+    def record_output(self, channel: Any, text: str) -> None:
+        if self.outputs is None:
+            return
+        key = channel.key
+        self.outputs.setdefault(key, []).append(text)
+        if channel.tool_name:
+            self.tool_names[key] = channel.tool_name
+
+    def output_text(self) -> dict[str, str]:
+        return {k: "".join(v) for k, v in (self.outputs or {}).items()}
 
     @property
     def applied(self) -> list[Applied]:

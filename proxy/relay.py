@@ -149,6 +149,8 @@ class StreamRelay:
                 ex.output_chars += len(text)
             if ch.choice not in self.choices:
                 self.choices.append(ch.choice)
+            if ex.outputs is not None:
+                ex.record_output(ch, text)
             if pl is not None:
                 pl.feed(ch, text)
         if pl is not None:
@@ -417,6 +419,7 @@ def scan_body(endpoint: str, obj: dict[str, Any], ex: Exchange, pl: ResponsePipe
     ex.usage = ex_.usage
     for ch, text in ex_.pieces:
         ex.output_chars += len(text)
+        ex.record_output(ch, text)
         pl.feed(ch, text)
     for ch, items in ex_.logprobs:
         pl.feed_logprobs(ch, items)
