@@ -711,7 +711,7 @@ class _BaseState(ChannelState):
         if self._do_prop:
             book = self.det.book
             hits = book.hits(body)
-            contrib = book.contributions(hits, book.sentence_factor(body, hits)) if hits else {}
+            contrib = book.score_sentence(body, hits)
             crossed = self._clusters.add(s0, s1, contrib)
             if crossed is not None:
                 out.append(self._propagation_finding(crossed))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import codecs
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -410,7 +410,7 @@ class PhraseBook:
             self._mention.add(_words_regex(cue, True), 0, "mention_cues")
         self._mention.compile()
         self._conditional = (
-            re2.compile("(?i)^[ ]*(?:" + "|".join(_fold_pattern(c) for c in conditional_cues) + ")[ ]")
+            re2.compile("(?i)(?:^|[ ])(?:" + "|".join(_fold_pattern(c) for c in conditional_cues) + ")[ ]")
             if conditional_cues else None
         )
         self.payloads: tuple[Payload, ...] = tuple(
@@ -454,22 +454,29 @@ class PhraseBook:
                     found.append(hit)
         return [h for h in found if h.end > h.start and not is_quoted(raw, h.start, h.end)]
 
-    def sentence_factor(self, sentence: str, hits: Iterable[Hit] = ()) -> float:
-        """Down-weighting for sentences about injection, or conditional documentation. A
-        condition on being a model ("If you are an AI assistant, ...") is not documentation."""
-        g = gapped(fast_normalise(sentence))
-        f = 1.0
-        if self._mention.any(g):
-            f *= self.mention_factor
-        if (self._conditional is not None and self._conditional.search(g)
-                and not any(self.entries[h.entry].style == "addressee" for h in hits)):
-            f *= self.conditional_factor
-        return f
+    # Styles that documentation also uses ("if you use Windows, ignore the previous
+    # instructions"); an exfiltration request or a chat-template token is not documentation
+    # even inside a condition.
+    _CONDITIONAL_STYLES = frozenset({"override", "persona", "tool", "secrecy", "propagation"})
 
-    def contributions(self, hits: Iterable[Hit], factor: float) -> dict[int, float]:
+    def score_sentence(self, sentence: str, hits: Sequence[Hit]) -> dict[int, float]:
+        """Best weight per entry for the hits of one sentence, after down-weighting mentions
+        (sentences about injection) and conditional documentation. A condition on being a
+        model ("If you are an AI assistant, ...") is not documentation."""
+        if not hits:
+            return {}
+        g = gapped(fast_normalise(sentence))
+        mention = self.mention_factor if self._mention.any(g) else 1.0
+        conditional = (
+            self._conditional is not None and self._conditional.search(g) is not None
+            and not any(self.entries[h.entry].style == "addressee" for h in hits)
+        )
         out: dict[int, float] = {}
         for h in hits:
-            w = self.entries[h.entry].weight * factor
+            entry = self.entries[h.entry]
+            w = entry.weight * mention
+            if conditional and entry.style in self._CONDITIONAL_STYLES:
+                w *= self.conditional_factor
             if w > out.get(h.entry, 0.0):
                 out[h.entry] = w
         return out
@@ -485,7 +492,7 @@ class PhraseBook:
             by_sentence.setdefault(sentence_bounds(raw, h.start, h.end), []).append(h)
         cl = Clusterer(threshold, gap_chars)
         for (s, e), hs in sorted(by_sentence.items()):
-            contrib = self.contributions(hs, self.sentence_factor(raw[s:e], hs))
+            contrib = self.score_sentence(raw[s:e], hs)
             cl.add(s, e, contrib, encoded=any(h.encoded for h in hs))
         return [c for c in cl.clusters if c.fired]
 
