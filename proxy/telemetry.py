@@ -128,10 +128,11 @@ class Telemetry:
         if isinstance(tout, int):
             m.tokens.labels(route, model, "output").inc(tout)
             m.token_usage.labels(route, model, "output").observe(tout)
-            if (tout > 1 and ex.upstream_first_token_at is not None and ex.upstream_ended is not None
-                    and ex.stream):
-                m.tpot.labels(route, model).observe(
-                    max(0.0, ex.upstream_ended - ex.upstream_first_token_at) / (tout - 1))
+            if tout > 1 and ex.upstream_first_token_at is not None and ex.stream:
+                # the detector relay does not stamp upstream_ended; the exchange ends right
+                # after the upstream's last event there
+                last = ex.upstream_ended or end
+                m.tpot.labels(route, model).observe(max(0.0, last - ex.upstream_first_token_at) / (tout - 1))
         policy = ex.policy
         if policy is None or not ex.outcomes:
             return
@@ -156,9 +157,13 @@ class Telemetry:
         for action in acted:
             m.actions.labels(route, action).inc()
         if ex.status < 400 or ex.outcome == "blocked":
+            # a detector that did not apply (schema without a response format) checked nothing:
+            # it must not dilute its pass rate (Outcome.not_applicable, when the pipeline fills it)
+            skip = getattr(ex.outcomes[-1], "not_applicable", ())
             for e in policy.entries:
-                m.responses_checked.labels(route, model, e.name,
-                                           "flagged" if e.name in flagged else "pass").inc()
+                if e.name in flagged or e.name not in skip:
+                    m.responses_checked.labels(route, model, e.name,
+                                               "flagged" if e.name in flagged else "pass").inc()
         for o in ex.outcomes[-1:]:
             for key, value in o.signals.items():
                 det, _, kind = key.partition(".")

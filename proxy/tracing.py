@@ -388,8 +388,9 @@ class Tracing:
                     span.add_event("gen_ai.guardrail.result", {
                         **base, "gen_ai.guardrail.policy.rule.id": det, "error.type": kind or "_OTHER",
                         "gapwatch.attempt": attempt}, timestamp=ts)
+        skip = getattr(ex.outcomes[-1], "not_applicable", ())
         for e in policy.entries:
-            if e.name not in flagged and budget > 0:
+            if e.name not in flagged and e.name not in skip and budget > 0:
                 budget -= 1
                 span.add_event("gen_ai.guardrail.result", {
                     **base, "gen_ai.guardrail.policy.rule.id": e.name,

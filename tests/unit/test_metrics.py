@@ -113,6 +113,17 @@ def test_signals_become_grounding_histogram_and_classes() -> None:
     assert metric_value(r, "gapwatch_responses_classified_total", detector="transparency", **classes) == 1
 
 
+def test_detectors_that_did_not_apply_are_not_counted_as_checked() -> None:
+    loaded = _config()
+    m = Metrics()
+    ex = finished_exchange(loaded)
+    ex.outcomes[-1].not_applicable = {"max_output_chars", "regex"}  # type: ignore[attr-defined]
+    Telemetry(loaded.config, m).finished(ex)
+    assert metric_value(m.registry, "gapwatch_responses_checked_total", detector="max_output_chars") == 0
+    # a detector that found something did apply, whatever the set says
+    assert metric_value(m.registry, "gapwatch_responses_checked_total", detector="regex", verdict="flagged") == 1
+
+
 def test_zero_series_exist_before_any_traffic() -> None:
     loaded = _config(incidents={"sinks": [{"type": "jsonl", "path": "/tmp/x.jsonl"}]})
     m = Metrics()
