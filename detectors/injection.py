@@ -104,7 +104,7 @@ _MAX_SENTENCE_CHARS = 1000  # output sentences are cut at this length
 _MIN_TARGET_WORDS = 4  # shorter planted sentences are merged with the next for echo
 _SMUGGLING_LOOKBACK = 257  # InvisibleScanner reports a 256-char piece on the 257th char
 _EMAIL_WINDOW = 256
-_PAYLOAD_WINDOW = 256
+_MAX_ARGS_CHARS = 65536  # tool-call arguments kept for the payload scan at finish
 # RE2 (linear time); runs are maximal by construction, so no look-around is needed.
 _B64 = re2.compile(r"[A-Za-z0-9+/_-]{24,}={0,2}")
 _HEX = re2.compile(r"(?:[0-9A-Fa-f]{2}){12,}")
@@ -898,8 +898,11 @@ class _ToolState(_BaseState):
         on = "tool_misuse" in det._cats and bool(p.spans)
         self._links = LinkScanner(det.cfg.max_url_chars, json_mode=True) if on else None
         self._emails = StreamScanner(EMAIL_STREAM, _EMAIL_WINDOW) if on else None
-        self._payloads = (StreamScanner(det._payload_rx, _PAYLOAD_WINDOW)
-                          if on and det._payload_rx is not None else None)
+        # Shell/SQL payloads are matched once the arguments are complete: a tool call runs
+        # only after its arguments have arrived, so blocking at finish is in time, and the
+        # payload patterns (alternations of different lengths) cannot be settled early.
+        self._args: list[str] | None = [] if on and det._payload_rx is not None else None
+        self._args_len = 0
         self._held = ""
 
     def feed(self, text: str) -> list[Finding]:
@@ -924,9 +927,14 @@ class _ToolState(_BaseState):
             return []
         links = self._links.finish() if final else self._links.feed(text)
         emails = self._emails.finish() if final else self._emails.feed(text)  # type: ignore[union-attr]
-        pays = []
-        if self._payloads is not None:
-            pays = self._payloads.finish() if final else self._payloads.feed(text)
+        pays: list[tuple[int, int, re.Match[str]]] = []
+        if self._args is not None:
+            if text and self._args_len < _MAX_ARGS_CHARS:
+                self._args.append(text[: _MAX_ARGS_CHARS - self._args_len])
+                self._args_len += len(self._args[-1])
+            if final and self.det._payload_rx is not None:
+                pays = [(m.start(), m.end(), m) for m in self.det._payload_rx.finditer("".join(self._args))]
+                self._args = None
         out: list[Finding] = []
         art = self.det.artefacts(self.p) if (links or emails or pays) else None
         if art is None:

@@ -46,7 +46,9 @@ _SENTENCE_CAP_CHARS = 300  # a planted span reaches at most this far either side
 
 @lru_cache(maxsize=16384)
 def _norm_char(ch: str) -> str:
-    return normalise(ch)
+    # case-fold first: ``normalise`` folds confusables before case, so a capital Cyrillic
+    # "О" would otherwise survive as "о" instead of becoming "o"
+    return normalise(ch.casefold())
 
 
 def normalise_with_map(text: str) -> tuple[str, list[int] | None]:
