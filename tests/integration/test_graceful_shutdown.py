@@ -47,11 +47,11 @@ def process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
             proc.wait(timeout=10)
 
 
-@pytest.fixture
-def simulator(tmp_path: Path) -> Iterator[str]:
+@pytest.fixture(scope="module")
+def simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     with process([gapwatch_bin(), "simulate-upstream", "--host", "127.0.0.1", "--port", str(port)],
-                 tmp_path / "sim.log"):
+                 tmp_path_factory.mktemp("sim") / "sim.log"):
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/v1/models")
         yield url
@@ -93,10 +93,11 @@ def text_of(data_lines: list[str]) -> str:
 
 
 def refused_or_503(url: str) -> bool:
-    """A new client is turned away: connection refused (listener closed) or 503."""
+    """A new client is turned away: connection refused (listener closed), closed without a
+    response (accepted in the instant before the listener closed, then shut as idle), or 503."""
     try:
         r = httpx.get(f"{url}/readyz", timeout=1.0)
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.RemoteProtocolError):
         return True
     return r.status_code == 503
 
