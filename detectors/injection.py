@@ -604,47 +604,69 @@ def _json_text(chunk: str) -> tuple[str, str]:
 # ------------------------------------------------------------------------------ output states
 
 
-class _Echo:
-    """Counts, per planted target, the distinct shingles the output has reproduced."""
+class _Sentence:
+    """One output sentence: its words, and their offsets computed only if an echo needs them."""
 
-    __slots__ = ("_fired", "_first", "_ix", "_k", "_matched", "_run", "_win")
+    __slots__ = ("_spans", "base", "text")
+
+    def __init__(self, base: int, text: str) -> None:
+        self.base = base
+        self.text = text
+        self._spans: list[tuple[int, int]] | None = None
+
+    def span(self, i: int) -> tuple[int, int]:
+        if self._spans is None:
+            self._spans = [(s, e) for _, s, e in echo_tokens(self.text, self.base)]
+        return self._spans[i]
+
+
+class _Echo:
+    """Counts, per planted target, the distinct shingles the output has reproduced. Only
+    runs of words that all occur in some target are hashed, so ordinary prose costs one set
+    lookup per word."""
+
+    __slots__ = ("_fired", "_first", "_ix", "_matched", "_run", "_win")
 
     def __init__(self, ix: _EchoIndex, k: int) -> None:
         self._ix = ix
-        self._k = k
-        self._win: deque[tuple[str, int, int]] = deque(maxlen=k)
+        self._win: deque[tuple[str, _Sentence, int]] = deque(maxlen=k)
         self._run = 0
         self._matched: dict[int, set[int]] = {}
         self._first: dict[int, int] = {}
         self._fired: set[int] = set()
 
-    def add(self, toks: Sequence[tuple[str, int, int]]
+    def add(self, sent: _Sentence, words: Sequence[str]
             ) -> tuple[list[tuple[int, int, int, int]], set[int]]:
         """Returns (fired: (target, start, end, matched), spans touched by any shingle)."""
         ix = self._ix
+        vocab = ix.vocab
         fired: list[tuple[int, int, int, int]] = []
         touched: set[int] = set()
-        for tok, s, e in toks:
-            self._win.append((tok, s, e))
-            if tok not in ix.vocab:
+        win = self._win
+        for i, tok in enumerate(words):
+            win.append((tok, sent, i))
+            if tok not in vocab:
                 self._run = 0
                 continue
             self._run += 1
-            win = list(self._win)
+            if self._run < ix.sizes[0]:
+                continue
+            items = list(win)
             for size in ix.sizes:
                 if size > self._run:
                     break
-                tail = win[-size:]
+                tail = items[-size:]
                 h = shingle_hash([t for t, _, _ in tail])
                 for tid in ix.by_size[size].get(h, ()):
                     sid = ix.span_of[tid]
                     touched.add(sid)
                     got = self._matched.setdefault(tid, set())
                     got.add(h)
-                    self._first.setdefault(tid, tail[0][1])
+                    if tid not in self._first:
+                        self._first[tid] = tail[0][1].span(tail[0][2])[0]
                     if len(got) >= ix.need[tid] and sid not in self._fired:
                         self._fired.add(sid)
-                        fired.append((tid, self._first[tid], e, len(got)))
+                        fired.append((tid, self._first[tid], sent.span(i)[1], len(got)))
         return fired, touched
 
 
@@ -664,20 +686,23 @@ class _BaseState(ChannelState):
         self._invisible = InvisibleScanner() if "smuggling" in cats else None
         self._sent_buf = ""
         self._sent_base = 0
+        self._sent_scan = 0  # where the search for the end of the current sentence resumes
         self._ties: dict[int, int] = {}  # output sentence start -> planted span touched
         self._finished = False
 
     # -- sentences
     def _sentences(self, text: str, final: bool) -> list[Finding]:
-        if not (self._do_echo or self._do_prop or self._echo is not None):
+        if not (self._do_echo or self._do_prop):
             return []
         self._sent_buf += text
         out: list[Finding] = []
         buf = self._sent_buf
         pos = 0
+        scan = self._sent_scan
         while pos < len(buf):
             limit = min(len(buf), pos + _MAX_SENTENCE_CHARS)
-            m = _OUT_SENTENCE_END.search(buf, pos, limit)
+            m = _OUT_SENTENCE_END.search(buf, max(pos, scan), limit)
+            scan = 0
             if m is not None and (m.end() < len(buf) or final or m.end() == pos + _MAX_SENTENCE_CHARS):
                 end = m.end()
             elif m is None and limit == pos + _MAX_SENTENCE_CHARS:
@@ -685,11 +710,15 @@ class _BaseState(ChannelState):
             elif final:
                 end = len(buf)
             else:
+                # resume at the unsettled boundary, or at the last character (a "." waiting
+                # for its space); a boundary is decided by where it ends, not where it starts
+                scan = m.start() if m is not None else len(buf) - 1
                 break
             out += self._sentence(self._sent_base + pos, buf[pos:end])
             pos = end
         self._sent_buf = buf[pos:]
         self._sent_base += pos
+        self._sent_scan = max(0, scan - pos)
         return out
 
     def _sentence(self, start: int, text: str) -> list[Finding]:
@@ -700,7 +729,7 @@ class _BaseState(ChannelState):
         s0, s1 = start + lead, start + lead + len(body)
         out: list[Finding] = []
         if self._echo is not None:
-            fired, touched = self._echo.add(echo_tokens(body, s0))
+            fired, touched = self._echo.add(_Sentence(s0, body), echo_words(body))
             if touched:
                 self._ties[s0] = min(touched)
                 if len(self._ties) > 256:

@@ -318,7 +318,7 @@ class LinkScanner:
                 self._cont = None
                 self._pos = base + end
                 continue
-            m = _START.search(buf, rel)
+            m = _START.search(buf, rel) if _may_start(buf, rel) else None
             if m is None:
                 self._pos = max(self._pos, base + n - _KEEP_START) if not final else base + n
                 break
@@ -397,6 +397,11 @@ class LinkScanner:
         if not final and len(tail) < AFTER_CHARS and "\n" not in tail:
             return None  # the closing part may still arrive
         return kind, start, e
+
+
+def _may_start(buf: str, rel: int) -> bool:
+    """Cheap C-level pre-check before the (case-insensitive, look-behind) start regex."""
+    return buf.find(":/", rel) >= 0 or buf.find(":\\", rel) >= 0 or "www." in buf[rel:].lower()
 
 
 def _trim_end(buf: str, lo: int, e: int) -> int:

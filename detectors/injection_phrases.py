@@ -39,6 +39,8 @@ _GAP_BYTES = bytes(
     b if (chr(b).isalnum() and b < 128) else 32 for b in range(256)
 )
 _NONWORD = re.compile(r"[^\w]|_")
+# Echo tokens: runs of non-space characters of the gapped text, one token per CJK character.
+_ECHO_TOKEN = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
 _SENTENCE_END = re.compile(r"[.!?]+(?=\s)|[。！？]+|\n")
 _QUOTES = frozenset("\"'`“”„«»「」『』‘’‹›")
 _SENTENCE_CAP_CHARS = 300  # a planted span reaches at most this far either side of its hits
@@ -64,12 +66,31 @@ def normalise_with_map(text: str) -> tuple[str, list[int] | None]:
             parts.append(run.lower())
             idx.extend(range(s, s + len(run)))
         else:
-            for i, ch in enumerate(run, s):
-                n = _norm_char(ch)
+            mapped = list(map(_norm_char, run))
+            lengths = list(map(len, mapped))
+            if min(lengths) == 1 == max(lengths):  # the usual case: one character each
+                parts.extend(mapped)
+                idx.extend(range(s, s + len(run)))
+                continue
+            for i, n in enumerate(mapped, s):
                 if n:
                     parts.append(n)
                     idx.extend([i] * len(n))
     return "".join(parts), idx
+
+
+class _GapTable(dict[int, int]):
+    """``str.translate`` table filled on first sight of each code point (C-speed lookups
+    afterwards); bounded so that a text of many distinct characters cannot grow it forever."""
+
+    def __missing__(self, cp: int) -> int:
+        v = cp if chr(cp).isalnum() else 32
+        if len(self) < 65536:
+            self[cp] = v
+        return v
+
+
+_GAP_TABLE = _GapTable()
 
 
 def gapped(norm: str) -> str:
@@ -77,7 +98,7 @@ def gapped(norm: str) -> str:
     regardless of punctuation ("ignore -- previous" == "ignore previous")."""
     if norm.isascii():
         return norm.encode("ascii").translate(_GAP_BYTES).decode("ascii")
-    return _NONWORD.sub(" ", norm)
+    return norm.translate(_GAP_TABLE)
 
 
 def raw_span(idx: list[int] | None, s: int, e: int) -> tuple[int, int]:
@@ -107,11 +128,25 @@ def tokens(text: str, base: int = 0) -> list[tuple[str, int, int]]:
 _URL = re.compile(r"(?i)\b(?:https?|ftp):(?:\\?/){2}([^\s/?#<>\"'`\\(){}\[\]|^]+)[^\s<>\"'`(){}\[\]|^]*")
 
 
+def _echo_split(text: str) -> tuple[str, list[int] | None, str]:
+    norm, idx = normalise_with_map(text)
+    return norm, idx, gapped(norm)
+
+
+def _has_url(text: str) -> bool:
+    return "://" in text or ":\\/\\/" in text
+
+
 def echo_tokens(text: str, base: int = 0) -> list[tuple[str, int, int]]:
-    """``tokens`` with every URL collapsed into one token (its host), so that a copied URL
-    counts as one word of an echo rather than six."""
-    toks = tokens(text, base)
-    if "://" not in text and ":\\/\\/" not in text:
+    """Echo tokens of raw ``text`` with raw offsets (plus ``base``): runs of word characters
+    of the gapped normalised text (one token per CJK character), with every URL collapsed
+    into one token (its host), so that a copied URL counts as one word rather than six."""
+    _, idx, g = _echo_split(text)
+    toks = []
+    for m in _ECHO_TOKEN.finditer(g):
+        s, e = raw_span(idx, m.start(), m.end())
+        toks.append((m.group(), base + s, base + e))
+    if not _has_url(text):
         return toks
     urls = [(base + m.start(), base + m.end(), m.group(1).lower()) for m in _URL.finditer(text)]
     out: list[tuple[str, int, int]] = []
@@ -129,6 +164,10 @@ def echo_tokens(text: str, base: int = 0) -> list[tuple[str, int, int]]:
 
 
 def echo_words(text: str) -> list[str]:
+    """The words of ``echo_tokens`` without offsets; ``str.split`` on ASCII text without URLs
+    (the common case), which is several times cheaper than building match objects."""
+    if text.isascii() and not _has_url(text):
+        return gapped(text.lower()).split()
     return [t for t, _, _ in echo_tokens(text)]
 
 

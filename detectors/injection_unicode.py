@@ -128,6 +128,12 @@ class InvisibleScanner:
         buf, base = self._buf, self._base
         n = len(buf)
         out: list[InvisibleRun] = []
+        if not self._cut and buf.isascii():  # nothing invisible can be pending or new
+            self._pos = base + n
+            if n > 1:
+                self._buf = buf[-1:]
+                self._base = base + n - 1
+            return out
         while True:
             rel = self._pos - base
             m = INVISIBLE.search(buf, rel)
