@@ -56,7 +56,7 @@ from detectors.injection_links import (
     AFTER_CHARS,
     BEFORE_CHARS,
     EMAIL,
-    EMAIL_STREAM,
+    EmailScanner,
     Link,
     LinkScanner,
     data_evidence,
@@ -67,7 +67,6 @@ from detectors.injection_links import (
     hosts_in,
     planted_parent,
     printable_text,
-    valid_email,
 )
 from detectors.injection_phrases import (
     Cluster,
@@ -81,7 +80,6 @@ from detectors.injection_phrases import (
 )
 from detectors.injection_unicode import InvisibleScanner, runs_in
 from detectors.redaction import mask, placeholder
-from detectors.stream_scan import StreamScanner
 from detectors.text import shingle_hash, shingles
 
 NAME = "injection"
@@ -103,7 +101,6 @@ _CLUSTER_GAP_CHARS = 160  # sentences closer than this are judged together
 _MAX_SENTENCE_CHARS = 1000  # output sentences are cut at this length
 _MIN_TARGET_WORDS = 4  # shorter planted sentences are merged with the next for echo
 _SMUGGLING_LOOKBACK = 257  # InvisibleScanner reports a 256-char piece on the 257th char
-_EMAIL_WINDOW = 256
 _MAX_ARGS_CHARS = 65536  # tool-call arguments kept for the payload scan at finish
 # RE2 (linear time); runs are maximal by construction, so no look-around is needed.
 _B64 = re2.compile(r"[A-Za-z0-9+/_-]{24,}={0,2}")
@@ -260,8 +257,9 @@ class InjectionDetector(Detector):
         tags = "|".join(re.escape(t) for t in config.untrusted_tags)
         self._tag_open = re.compile(rf"(?i)<({tags})(?:\s[^<>]{{0,200}})?>") if tags else None
         self._delims = tuple((re2.compile(o), re2.compile(c)) for o, c in config.untrusted_delimiters)
+        # one RE2 alternation: linear time over attacker-influenced tool arguments
         self._payload_rx = (
-            re.compile("|".join(f"(?:{p.regex.pattern})" for p in self.book.payloads), re.IGNORECASE)
+            re2.compile("(?i)" + "|".join(f"(?:{p.regex.pattern[4:]})" for p in self.book.payloads))
             if self.book.payloads else None
         )
 
@@ -926,7 +924,7 @@ class _ToolState(_BaseState):
         super().__init__(det, p, channel)
         on = "tool_misuse" in det._cats and bool(p.spans)
         self._links = LinkScanner(det.cfg.max_url_chars, json_mode=True) if on else None
-        self._emails = StreamScanner(EMAIL_STREAM, _EMAIL_WINDOW) if on else None
+        self._emails = EmailScanner() if on else None
         # Shell/SQL payloads are matched once the arguments are complete: a tool call runs
         # only after its arguments have arrived, so blocking at finish is in time, and the
         # payload patterns (alternations of different lengths) cannot be settled early.
@@ -956,7 +954,7 @@ class _ToolState(_BaseState):
             return []
         links = self._links.finish() if final else self._links.feed(text)
         emails = self._emails.finish() if final else self._emails.feed(text)  # type: ignore[union-attr]
-        pays: list[tuple[int, int, re.Match[str]]] = []
+        pays: list[tuple[int, int, Any]] = []
         if self._args is not None:
             if text and self._args_len < _MAX_ARGS_CHARS:
                 self._args.append(text[: _MAX_ARGS_CHARS - self._args_len])
@@ -978,11 +976,8 @@ class _ToolState(_BaseState):
             out.append(self._finding(sid, "url", link.start, link.end, link.url,
                                      Severity.critical if data else Severity.high,
                                      placeholder("url"), {"data_score": round(ev.score, 2)}))
-        for s, _, m in emails:
-            found = valid_email(m.group())
-            if found is None:
-                continue
-            addr, e = found.lower(), s + len(found)
+        for s, e, found in emails:
+            addr = found.lower()
             sid = art.planted_emails.get(addr)
             if sid is None and addr not in art.trusted_emails:
                 sid = planted_parent(addr.rsplit("@", 1)[-1], art.planted_hosts)

@@ -53,17 +53,72 @@ _HOST_AT = re.compile(
 )
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
 EMAIL = re.compile(r"(?i)[a-z0-9._%+-]{1,64}@(?:[a-z0-9-]{1,63}\.)+[a-z]{2,24}\b")
-# For StreamScanner: greedy classes only, so a match that ends before the end of the buffer
-# cannot grow with more text (a backtracking pattern could settle on "a@b.evil" of
-# "a@b.evil-host.net"); ``valid_email`` trims and checks the match afterwards.
-EMAIL_STREAM = re.compile(r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,253}")
+_LOCAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
+_DOMAIN = re.compile(r"[A-Za-z0-9.-]{1,253}")
 _EMAIL_OK = re.compile(r"(?i)[a-z0-9._%+-]{1,64}@(?:[a-z0-9-]{1,63}\.)+[a-z]{2,24}")
 
 
 def valid_email(s: str) -> str | None:
-    """The e-mail address in a greedy ``EMAIL_STREAM`` match, or None."""
+    """The e-mail address in a greedy local@domain run, or None."""
     s = s.rstrip(".-")
     return s if _EMAIL_OK.fullmatch(s) else None
+
+
+class EmailScanner:
+    """Incremental e-mail finder driven by ``str.find("@")``: the local part is read
+    backwards (at most 64 characters) and the domain forwards, greedily, and a candidate is
+    decided once a character that cannot extend the domain has arrived, so the result does
+    not depend on chunking (a backtracking regex could settle on "a@b.evil" of
+    "a@b.evil-host.net"). Yields (start, end, address)."""
+
+    __slots__ = ("_base", "_buf", "_done", "_pos")
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._base = 0
+        self._pos = 0  # absolute: "@" before it are decided
+        self._done = False
+
+    def feed(self, text: str) -> list[tuple[int, int, str]]:
+        if self._done or not text:
+            return []
+        self._buf += text
+        return self._scan(final=False)
+
+    def finish(self) -> list[tuple[int, int, str]]:
+        if self._done:
+            return []
+        out = self._scan(final=True)
+        self._done = True
+        self._buf = ""
+        return out
+
+    def _scan(self, final: bool) -> list[tuple[int, int, str]]:
+        buf, base = self._buf, self._base
+        n = len(buf)
+        out: list[tuple[int, int, str]] = []
+        while True:
+            at = buf.find("@", self._pos - base)
+            if at < 0:
+                self._pos = base + n
+                break
+            m = _DOMAIN.match(buf, at + 1)
+            end = m.end() if m else at + 1
+            if end == n and not final:
+                self._pos = base + at
+                break
+            s = at
+            while s > 0 and at - s < 64 and buf[s - 1] in _LOCAL_CHARS:
+                s -= 1
+            found = valid_email(buf[s:end]) if s < at else None
+            if found is not None:
+                out.append((base + s, base + s + len(found), found))
+            self._pos = base + max(at + 1, end if found else at + 1)
+        keep_from = max(0, self._pos - base - 64)
+        if keep_from:
+            self._buf = buf[keep_from:]
+            self._base = base + keep_from
+        return out
 URL = re.compile(r"(?i)\b(?:https?|ftp)://[^\s<>\"'`\\(){}\[\]|^]+|(?<![\w./@-])www\.[a-z0-9-]+\.[^\s<>\"'`(){}\[\]|^]+")
 _BLOB = re.compile(r"[A-Za-z0-9+/_-]{20,}={0,2}|(?:%[0-9A-Fa-f]{2}){12,}")
 _STOP = frozenset((

@@ -17,7 +17,6 @@ import codecs
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ DEFAULT_PHRASES = "injection_phrases.yaml"
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 TOKEN = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+(?:'[^\W_{_CJK}]+)?")
 _CJK_CHAR = re.compile(rf"[{_CJK}]")
-_RUNS = re.compile(r"[\x00-\x7f]+|[^\x00-\x7f]+")
 # ASCII bytes that are not word characters become a space in the "gapped" word stream.
 _GAP_BYTES = bytes(
     b if (chr(b).isalnum() and b < 128) else 32 for b in range(256)
@@ -46,37 +44,40 @@ _QUOTES = frozenset("\"'`“”„«»「」『』‘’‹›")
 _SENTENCE_CAP_CHARS = 300  # a planted span reaches at most this far either side of its hits
 
 
-@lru_cache(maxsize=16384)
-def _norm_char(ch: str) -> str:
-    # case-fold first: ``normalise`` folds confusables before case, so a capital Cyrillic
-    # "О" would otherwise survive as "о" instead of becoming "o"
-    return normalise(ch.casefold())
+class _NormTable(dict[str, str]):
+    """Per-character normalisation, filled on first sight of each character so that a text is
+    normalised by one C-level ``map`` over dictionary hits; bounded in size."""
+
+    def __missing__(self, ch: str) -> str:
+        # case-fold first: ``normalise`` folds confusables before case, so a capital Cyrillic
+        # "О" would otherwise survive as "о" instead of becoming "o"
+        v = normalise(ch.casefold())
+        if len(self) < 65536:
+            self[ch] = v
+        return v
+
+
+_NORM = _NormTable()
+_norm_char = _NORM.__getitem__
 
 
 def normalise_with_map(text: str) -> tuple[str, list[int] | None]:
     """``detectors.text.normalise`` applied per character, with the raw index of every output
-    character (``None`` when the text is ASCII and offsets are unchanged)."""
+    character; the map is ``None`` when offsets are unchanged (every character maps to
+    exactly one), which is the case for almost all text."""
     if text.isascii():
         return text.lower(), None
-    parts: list[str] = []
+    mapped = list(map(_norm_char, text))
+    lengths = list(map(len, mapped))
+    if min(lengths) == 1 == max(lengths):
+        return "".join(mapped), None
     idx: list[int] = []
-    for m in _RUNS.finditer(text):
-        run, s = m.group(), m.start()
-        if run[0] < "\x80":
-            parts.append(run.lower())
-            idx.extend(range(s, s + len(run)))
-        else:
-            mapped = list(map(_norm_char, run))
-            lengths = list(map(len, mapped))
-            if min(lengths) == 1 == max(lengths):  # the usual case: one character each
-                parts.extend(mapped)
-                idx.extend(range(s, s + len(run)))
-                continue
-            for i, n in enumerate(mapped, s):
-                if n:
-                    parts.append(n)
-                    idx.extend([i] * len(n))
-    return "".join(parts), idx
+    for i, n in enumerate(lengths):
+        if n == 1:
+            idx.append(i)
+        elif n:
+            idx.extend([i] * n)
+    return "".join(mapped), idx
 
 
 class _GapTable(dict[int, int]):
@@ -175,10 +176,7 @@ def fast_normalise(text: str) -> str:
     """``normalise_with_map(text)[0]`` without building the offset map."""
     if text.isascii():
         return text.lower()
-    return "".join(
-        m.group().lower() if m.group()[0] < "\x80" else "".join(_norm_char(c) for c in m.group())
-        for m in _RUNS.finditer(text)
-    )
+    return "".join(map(_norm_char, text))
 
 
 def token_words(text: str) -> list[str]:
@@ -392,7 +390,7 @@ class _PatternSet:
 @dataclass(frozen=True, slots=True)
 class Payload:
     id: str
-    regex: re.Pattern[str]
+    regex: Any  # re2 pattern
 
 
 class PhraseBook:
@@ -454,9 +452,13 @@ class PhraseBook:
             re2.compile("(?i)(?:^|[ ])(?:" + "|".join(_fold_pattern(c) for c in conditional_cues) + ")[ ]")
             if conditional_cues else None
         )
-        self.payloads: tuple[Payload, ...] = tuple(
-            Payload(pid, re.compile(rx, re.IGNORECASE)) for pid, rx in payloads.items()
-        )
+        compiled = []
+        for pid, rx in payloads.items():
+            try:
+                compiled.append(Payload(pid, re2.compile("(?i)" + rx)))
+            except re2.error as exc:
+                raise ValueError(f"payload {pid}: invalid pattern {rx!r}: {exc}") from exc
+        self.payloads: tuple[Payload, ...] = tuple(compiled)
 
     @classmethod
     def load(cls, extra_file: str | None = None) -> PhraseBook:

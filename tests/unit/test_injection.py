@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from detectors.base import TEXT, Channel, Finding, Message, RequestContext, Severity
 from detectors.injection import CONFIGS, InjectionConfig, InjectionDetector
-from detectors.injection_links import LinkScanner, data_evidence, hosts_in
+from detectors.injection_links import EmailScanner, LinkScanner, data_evidence, hosts_in
 from detectors.injection_phrases import PhraseBook, normalise_with_map
 from detectors.injection_unicode import INVISIBLE, InvisibleScanner, runs_in
 from tests.unit.compliance import assert_compliant, run
@@ -296,6 +296,19 @@ def test_link_scanner_settles_constructs_independently_of_chunking() -> None:
             got += sc.feed(text[i : i + n])
         got += sc.finish()
         assert [(lk.start, lk.end, lk.kind) for lk in got] == expect
+
+
+def test_email_scanner_is_chunking_independent() -> None:
+    text = 'to: "ops@b.evil-host.net", cc a.b+c@x.example. bad@ @nolocal x@y z@host-only. end@last.io'
+    whole = EmailScanner()
+    expect = whole.feed(text) + whole.finish()
+    assert [a for _, _, a in expect] == ["ops@b.evil-host.net", "a.b+c@x.example", "end@last.io"]
+    for n in (1, 3, 7):
+        sc = EmailScanner()
+        got = []
+        for i in range(0, len(text), n):
+            got += sc.feed(text[i : i + n])
+        assert got + sc.finish() == expect
 
 
 def test_data_evidence_weighs_values_over_words() -> None:
