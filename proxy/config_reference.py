@@ -21,6 +21,7 @@ import argparse
 import ast
 import inspect
 import io
+import re
 import sys
 import textwrap
 import tokenize
@@ -233,7 +234,10 @@ def type_name(ann: Any) -> str:
         inner = [a for a in args if a is not Ellipsis]
         return f"list of {type_name(inner[0])}" if inner else "list"
     if origin is dict:
-        return f"map of {type_name(args[0])} to {type_name(args[1])}" if args else "map"
+        if not args:
+            return "map"
+        value = type_name(args[1])
+        return f"map of {type_name(args[0])} to " + (f"({value})" if " or " in value else value)
     if origin is typing.Annotated:
         return type_name(args[0])
     return getattr(ann, "__name__", str(ann))
@@ -337,7 +341,8 @@ def _source_notes(model: type) -> dict[str, str]:
 def _markdown(text: str) -> str:
     """One table-cell line: RST ``code`` -> `code`; ``|`` escaped everywhere (GFM splits cells on
     pipes inside code spans too), ``<`` and ``>`` outside code spans (else they read as HTML)."""
-    parts = " ".join(text.replace("``", "`").split()).replace("|", "\\|").split("`")
+    text = re.sub(r"``([^`]+)``", r"`\1`", " ".join(text.split())).replace("```", "&#96;&#96;&#96;")
+    parts = text.replace("|", "\\|").split("`")
     for i in range(0, len(parts), 2):
         parts[i] = parts[i].replace("<", "&lt;").replace(">", "&gt;")
     return "`".join(parts)
