@@ -31,7 +31,9 @@ observe them.
 
 from __future__ import annotations
 
+import base64
 import binascii
+import codecs
 import math
 import re
 from collections import deque
@@ -259,7 +261,7 @@ class InjectionDetector(Detector):
         self._delims = tuple((re2.compile(o), re2.compile(c)) for o, c in config.untrusted_delimiters)
         # one RE2 alternation: linear time over attacker-influenced tool arguments
         self._payload_rx = (
-            re2.compile("(?i)" + "|".join(f"(?:{p.regex.pattern[4:]})" for p in self.book.payloads))
+            re2.compile("(?i)" + "|".join(f"(?:{p.source})" for p in self.book.payloads))
             if self.book.payloads else None
         )
 
@@ -504,8 +506,6 @@ CONFIGS: dict[str, type[DetectorConfig]] = {NAME: InjectionConfig}
 
 
 def _rot13(s: str) -> str:
-    import codecs
-
     return codecs.encode(s, "rot13")
 
 
@@ -554,8 +554,6 @@ def _blobs(region: str, budget: list[int]) -> list[tuple[str, int, int, str]]:
 
 
 def _decode(s: str, enc: str) -> str | None:
-    import base64
-
     try:
         if enc == "hex":
             raw = binascii.unhexlify(s)

@@ -390,7 +390,8 @@ class _PatternSet:
 @dataclass(frozen=True, slots=True)
 class Payload:
     id: str
-    regex: Any  # re2 pattern
+    source: str  # RE2 syntax, matched case-insensitively
+    regex: Any  # the compiled re2 pattern
 
 
 class PhraseBook:
@@ -455,7 +456,7 @@ class PhraseBook:
         compiled = []
         for pid, rx in payloads.items():
             try:
-                compiled.append(Payload(pid, re2.compile("(?i)" + rx)))
+                compiled.append(Payload(pid, rx, re2.compile("(?i)" + rx)))
             except re2.error as exc:
                 raise ValueError(f"payload {pid}: invalid pattern {rx!r}: {exc}") from exc
         self.payloads: tuple[Payload, ...] = tuple(compiled)
