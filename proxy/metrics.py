@@ -39,6 +39,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -73,6 +74,7 @@ ENFORCING_ACTIONS = ("annotate", "redact", "block", "retry")
 
 MAX_MODEL_LABELS = 64  # distinct model label values, whatever the allow-list globs admit
 MEMO_ENTRIES = 8192
+CHILD_CACHE = 65536
 
 MULTIPROC_ENV = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
 
@@ -194,6 +196,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.multiprocess = multiprocess_active()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         if self.multiprocess:
             from prometheus_client import multiprocess
 
@@ -284,6 +287,18 @@ class Metrics:
         self.build_info.labels(_version(), platform.python_version()).set(1)
         for kind in STREAM_ANOMALY_KINDS:
             self.stream_events.labels(kind)
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, memoised: prometheus-client re-validates and locks on
+        every ``labels()`` call, which was most of the per-request metrics cost. Label values
+        are bounded, so the memo is too (and stops growing at CHILD_CACHE entries)."""
+        key = (id(metric), values)
+        c = self._children.get(key)
+        if c is None:
+            c = metric.labels(*values)
+            if len(self._children) < CHILD_CACHE:
+                self._children[key] = c
+        return c
 
     def payload(self) -> bytes:
         """The text exposition for ``/metrics``: this process's registry, or the sum over

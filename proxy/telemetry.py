@@ -103,36 +103,37 @@ class Telemetry:
 
     def _metrics(self, ex: Exchange, end: float) -> None:
         m = self.metrics
+        c = m.child
         route, model, ep = ex.route, ex.model_label, ex.endpoint
         streamed = "true" if ex.stream else "false"
         total = end - ex.started
-        m.requests.labels(route, model, ep, streamed, status_class(ex.status), ex.outcome).inc()
-        m.request_duration.labels(route, model, ep, streamed).observe(total)
+        c(m.requests, route, model, ep, streamed, status_class(ex.status), ex.outcome).inc()
+        c(m.request_duration, route, model, ep, streamed).observe(total)
         if ex.upstream_started is not None:
             up_end = ex.upstream_ended or end
-            m.upstream_duration.labels(route, model, ep).observe(max(0.0, up_end - ex.upstream_started))
-            m.overhead.labels(route, streamed).observe(max(0.0, total - ex.upstream_wait))
+            c(m.upstream_duration, route, model, ep).observe(max(0.0, up_end - ex.upstream_started))
+            c(m.overhead, route, streamed).observe(max(0.0, total - ex.upstream_wait))
         if ex.upstream_error:
-            m.upstream_errors.labels(route, ex.upstream_error).inc()
+            c(m.upstream_errors, route, ex.upstream_error).inc()
         if ex.attempts > 1:
-            m.retries.labels(route).inc(ex.attempts - 1)
+            c(m.retries, route).inc(ex.attempts - 1)
         if ex.upstream_first_token_at is not None and ex.upstream_started is not None:
             ttft = ex.upstream_first_token_at - ex.upstream_started
-            m.ttft.labels(route, model).observe(ttft)
+            c(m.ttft, route, model).observe(ttft)
         usage = ex.usage or {}
         tin = usage.get("prompt_tokens", usage.get("input_tokens"))
         tout = usage.get("completion_tokens", usage.get("output_tokens"))
         if isinstance(tin, int):
-            m.tokens.labels(route, model, "input").inc(tin)
-            m.token_usage.labels(route, model, "input").observe(tin)
+            c(m.tokens, route, model, "input").inc(tin)
+            c(m.token_usage, route, model, "input").observe(tin)
         if isinstance(tout, int):
-            m.tokens.labels(route, model, "output").inc(tout)
-            m.token_usage.labels(route, model, "output").observe(tout)
+            c(m.tokens, route, model, "output").inc(tout)
+            c(m.token_usage, route, model, "output").observe(tout)
             if tout > 1 and ex.upstream_first_token_at is not None and ex.stream:
                 # the detector relay does not stamp upstream_ended; the exchange ends right
                 # after the upstream's last event there
                 last = ex.upstream_ended or end
-                m.tpot.labels(route, model).observe(max(0.0, last - ex.upstream_first_token_at) / (tout - 1))
+                c(m.tpot, route, model).observe(max(0.0, last - ex.upstream_first_token_at) / (tout - 1))
         policy = ex.policy
         if policy is None or not ex.outcomes:
             return
@@ -143,34 +144,34 @@ class Telemetry:
             for a in o.applied:
                 f = a.finding
                 flagged.add(f.detector)
-                m.findings.labels(route, model, f.detector, bounded(f.detector, f.category), f.severity.label,
+                c(m.findings, route, model, f.detector, bounded(f.detector, f.category), f.severity.label,
                                   a.action).inc()
                 if a.action != "observe":
                     acted.add(a.action)
             for det, ns in o.detector_ns.items():
-                m.detector_seconds.labels(det).inc(ns / 1e9)
+                c(m.detector_seconds, det).inc(ns / 1e9)
             for err in o.detector_errors:
                 det, _, kind = err.partition(":")
-                m.detector_errors.labels(det, bounded("error:" + det, kind)).inc()
+                c(m.detector_errors, det, bounded("error:" + det, kind)).inc()
             if o.late_redactions:
-                m.late_redactions.labels(route, "any").inc(o.late_redactions)
+                c(m.late_redactions, route, "any").inc(o.late_redactions)
         for action in acted:
-            m.actions.labels(route, action).inc()
+            c(m.actions, route, action).inc()
         if ex.status < 400 or ex.outcome == "blocked":
             # a detector that did not apply (schema without a response format) checked nothing:
             # it must not dilute its pass rate (Outcome.not_applicable, when the pipeline fills it)
             skip = getattr(ex.outcomes[-1], "not_applicable", ())
             for e in policy.entries:
                 if e.name in flagged or e.name not in skip:
-                    m.responses_checked.labels(route, model, e.name,
+                    c(m.responses_checked, route, model, e.name,
                                                "flagged" if e.name in flagged else "pass").inc()
         for o in ex.outcomes[-1:]:
             for key, value in o.signals.items():
                 det, _, kind = key.partition(".")
                 if kind == "response_score" and det == "grounding" and isinstance(value, int | float):
-                    m.grounding_score.labels(route, model).observe(float(value))
+                    c(m.grounding_score, route, model).observe(float(value))
                 elif kind == "classification" and isinstance(value, str):
-                    m.responses_classified.labels(route, model, det, bounded("class:" + det, value)).inc()
+                    c(m.responses_classified, route, model, det, bounded("class:" + det, value)).inc()
 
     def _incidents(self, ex: Exchange) -> None:
         policy = ex.policy

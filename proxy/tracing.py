@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
+import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -135,7 +135,9 @@ class _Ids:
 
 
 def _new_ids(parent: tuple[int, int, int] | None, tracestate: str | None) -> _Ids:
-    rand = secrets.randbits
+    # random.getrandbits, as the SDK's RandomIdGenerator: ids need to be unique, not secret, and
+    # the module generator is re-seeded in forked children
+    rand = random.getrandbits
     if parent is None:
         return _Ids(rand(128) or 1, 0, rand(64) or 1, rand(64) or 1, True, None)
     return _Ids(parent[0], parent[1], rand(64) or 1, rand(64) or 1, bool(parent[2] & 1), tracestate)
@@ -243,16 +245,17 @@ class Tracing:
         gen_ai = self._gen_ai_attributes(ex, op)
         attrs: dict[str, Any] = {
             "http.request.method": ex.method,
-            "url.path": _clip(ex.path),
             "gapwatch.request_id": ex.request_id,
-            "gapwatch.endpoint": ex.endpoint,
             "gapwatch.route": ex.route,
             "gapwatch.outcome": ex.outcome,
-            "gapwatch.attempts": ex.attempts,
             **gen_ai,
         }
         if route:
             attrs["http.route"] = route
+        else:
+            attrs["url.path"] = _clip(ex.path)
+        if ex.attempts > 1:
+            attrs["gapwatch.attempts"] = ex.attempts
         if ex.status:
             attrs["http.response.status_code"] = ex.status
         if ex.policy is not None:
@@ -274,8 +277,15 @@ class Tracing:
             self._guardrail_events(server, ex, ns(ex.upstream_ended or end))
             if ex.upstream_started is not None:
                 self._ids.span_id = ids.client_span_id
-                client_attrs: dict[str, Any] = {"http.request.method": ex.method, "gapwatch.upstream": ex.upstream,
-                                                "gapwatch.attempts": ex.attempts, **gen_ai}
+                # the call's identity only: the full gen_ai.* set is on the server span (attribute
+                # validation in the SDK is most of the cost of a span)
+                client_attrs: dict[str, Any] = {"http.request.method": ex.method, "gapwatch.upstream": ex.upstream}
+                for k in ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model",
+                          "gen_ai.response.model", "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens"):
+                    if k in gen_ai:
+                        client_attrs[k] = gen_ai[k]
+                if ex.attempts > 1:
+                    client_attrs["gapwatch.attempts"] = ex.attempts
                 host, port = self._servers.get(ex.upstream, ("", 0))
                 if host:
                     client_attrs["server.address"] = host
@@ -370,9 +380,12 @@ class Tracing:
                     **base, "gen_ai.guardrail.policy.rule.id": f.detector,
                     "gen_ai.guardrail.result.type": "action", "gen_ai.guardrail.result.value": a.action,
                     "gen_ai.guardrail.risk.category": f.category, "gen_ai.guardrail.risk.score": float(f.score),
-                    "gapwatch.finding.severity": f.severity.label, "gapwatch.finding.channel": f.channel.key,
-                    "gapwatch.attempt": attempt,
+                    "gapwatch.finding.severity": f.severity.label,
                 }
+                if f.channel.key != "0:text":
+                    ev["gapwatch.finding.channel"] = f.channel.key
+                if attempt:
+                    ev["gapwatch.attempt"] = attempt
                 if a.intended != a.action:
                     ev["gapwatch.intended_action"] = a.intended
                 if self.capture_content:
@@ -437,11 +450,11 @@ class _PresetIds(IdGenerator):
 
     def generate_span_id(self) -> int:
         v, self.span_id = self.span_id, 0
-        return v or secrets.randbits(64) or 1
+        return v or random.getrandbits(64) or 1
 
     def generate_trace_id(self) -> int:
         v, self.trace_id = self.trace_id, 0
-        return v or secrets.randbits(128) or 1
+        return v or random.getrandbits(128) or 1
 
     def is_trace_id_random(self) -> bool:
-        return True  # drawn with secrets.randbits (W3C Trace Context level 2 "random" flag)
+        return True  # drawn with random.getrandbits (W3C Trace Context level 2 "random" flag)
