@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import json
 import math
 import re
 from collections import deque
@@ -125,27 +126,30 @@ class InjectionConfig(DetectorConfig):
 
     detector_class: ClassVar[type[Detector]]
 
+    # finding types to report (the enable switches); an empty list disables the detector
     categories: tuple[str, ...] = CATEGORIES
     # ---- input side: what is untrusted, and what counts as planted
-    untrusted_roles: tuple[str, ...] = ("tool", "function", "ipython")
-    delimited_roles: tuple[str, ...] = ("user", "system", "developer")
-    untrusted_tags: tuple[str, ...] = _DEFAULT_TAGS
-    untrusted_delimiters: tuple[tuple[str, str], ...] = _DEFAULT_DELIMITERS
-    extra_phrases_file: str | None = None
-    planted_min_score: float = Field(default=1.0, gt=0.0, le=10.0)
-    decode_payloads: bool = True
-    max_decoded_blobs: int = Field(default=32, ge=0, le=1024)
-    taint_window_chars: int = Field(default=300, ge=0, le=10_000)
-    # ---- echo
+    untrusted_roles: tuple[str, ...] = ("tool", "function", "ipython")  # whole message untrusted
+    delimited_roles: tuple[str, ...] = ("user", "system", "developer")  # only delimited parts
+    untrusted_tags: tuple[str, ...] = _DEFAULT_TAGS  # <document ...>...</document> etc.
+    untrusted_delimiters: tuple[tuple[str, str], ...] = _DEFAULT_DELIMITERS  # RE2 (open, close)
+    extra_phrases_file: str | None = None  # YAML in the format of data/injection_phrases.yaml
+    planted_min_score: float = Field(default=1.0, gt=0.0, le=10.0)  # phrase weight to plant
+    decode_payloads: bool = True  # decode base64/hex runs and rescan them
+    max_decoded_blobs: int = Field(default=32, ge=0, le=1024)  # per request
+    taint_window_chars: int = Field(default=300, ge=0, le=10_000)  # hosts/addresses this close
+    # to a planted span are the attacker's, not the conversation's
+    # ---- echo: fire when a planted sentence's distinct k-word shingles seen in the output reach
+    # max(echo_min_shingles, min(ceil(echo_min_fraction * n), echo_enough_shingles)), capped at n
     echo_shingle_words: int = Field(default=4, ge=2, le=12)
     echo_min_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
     echo_min_shingles: int = Field(default=3, ge=1, le=100)
     echo_enough_shingles: int = Field(default=5, ge=1, le=1000)
     # ---- exfiltration
-    allowed_hosts: tuple[str, ...] = ()
-    flag_unknown_images: bool = True
-    exfil_data_min_score: float = Field(default=2.0, gt=0.0, le=100.0)
-    max_url_chars: int = Field(default=380, ge=64, le=8192)
+    allowed_hosts: tuple[str, ...] = ()  # fnmatch globs, matched against the lower-cased host
+    flag_unknown_images: bool = True  # report (medium) images from unknown hosts without data
+    exfil_data_min_score: float = Field(default=2.0, gt=0.0, le=100.0)  # "carries data" cut-off
+    max_url_chars: int = Field(default=380, ge=64, le=8192)  # longer URLs come in pieces
     # ---- propagation
     propagation_min_score: float = Field(default=1.0, gt=0.0, le=10.0)
 
@@ -415,6 +419,8 @@ class InjectionDetector(Detector):
         for sid, sp in enumerate(p.spans):
             taint.setdefault(sp.message_index, []).append((max(0, sp.start - w), sp.end + w, sid))
         known: set[str] = set()
+        if p.ctx.tools:  # hosts named in the declared tools (API endpoints) are the app's own
+            known |= host_set(json.dumps(list(p.ctx.tools), default=str))
         planted_h: dict[str, int] = {}
         planted_e: dict[str, int] = {}
         trusted_e: set[str] = set()
