@@ -18,8 +18,12 @@ of ``block`` with ``min_severity: high`` acts on (an image from an unknown host 
 conversation data is reported at medium).
 
 Cases have a ``split``: ``dev`` families were used while writing the phrase list and
-thresholds; ``heldout`` families were written afterwards to measure what tuning missed (see
-``held_out``). Both are printed; the held-out figures are the honest ones.
+thresholds (their perfect scores mean nothing beyond "no regressions"); ``heldout`` families
+were written afterwards and measured (first pass: echo P 0.59, exfiltration P 0.71 / R 0.75,
+tool_misuse R 0.00, propagation P 0.55), after which a few general fixes were made (see the
+git log), so they are no longer clean; ``heldout2`` was written after those fixes, measured
+once and not tuned against. Families are template-generated (10-15 near-identical cases each),
+so one systematic miss moves a figure by several points.
 
     .venv/bin/python -m tests.eval.injection_eval             # print the table
     .venv/bin/python -m tests.eval.injection_eval --errors    # also list misjudged cases
