@@ -20,6 +20,7 @@ FAMILY_MODULES = (
     "detectors.uncertainty",
     "detectors.transparency",
     "detectors.schema",
+    "detectors.injection",
 )
 
 

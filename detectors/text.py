@@ -34,7 +34,8 @@ def strip_invisible(text: str) -> str:
 
 def normalise(text: str) -> str:
     text = unicodedata.normalize("NFKC", text)
-    text = strip_invisible(text).translate(_CONFUSABLES).casefold()
+    # fold before and after case folding: capitals fold to look-alikes the table maps too
+    text = strip_invisible(text).translate(_CONFUSABLES).casefold().translate(_CONFUSABLES)
     return text
 
 
