@@ -144,7 +144,8 @@ def pattern_reach(source: str) -> int:
     """Longest text a match attempt of ``pattern`` can depend on after its start position:
     the maximum match width plus the lookahead allowance. Fails for unbounded patterns,
     because a pattern with no bound cannot be scanned with a bounded hold-back."""
-    width = _sre_parse.parse(source).getwidth()[1]
+    # re2's Unicode classes (\p{L}) are one character wide; Python's parser lacks them
+    width = _sre_parse.parse(re.sub(r"\\[pP]\{\w+\}", "a", source)).getwidth()[1]
     if width >= 1 << 16:
         raise ValueError(f"pattern has no bounded width: {source[:60]}...")
     return width + _LOOKAHEAD_CHARS
@@ -280,7 +281,7 @@ _NOT_PII = (
 _SEP = r"(?:[ .\-/]|\) ?| ?\(|\)[\-.]|[\-.]\()"
 _EXT = r"(?: ?(?:x|ext\.?|extension) ?\d{1,6})?"
 # Digit groups: phones, cards, SSNs, numeric national ids. Validators pick a window of groups.
-_NUMBER = r"(?P<number>(?:\+|\()?\d{1,19}(?:" + _SEP + r"\d{1,10}){0,6}\)?" + _EXT + ")"
+_NUMBER = r"(?P<number>(?:\+|\()?\d{1,19}(?:" + _SEP + r"\d{1,12}){0,6}\)?" + _EXT + ")"
 
 # Every PII match contains a digit or an "@" (all-letter IPv6 or codice fiscale forms are the
 # accepted misses): the scanner skips tails without one.
@@ -388,13 +389,26 @@ _PHONE_WORDS = re.compile(
     r"contact|reach|dial|ring|hotline|helpline|telefon|telefonnummer|téléphone|tél|handy|"
     r"portable|mob|mobil|landline|phone number|ph)\b"
 )
+_VERSION_WORDS = re.compile(r"(?i)\b(?:version|release|build|ver|rev|revision|firmware|v)\W{0,2}$")
+_STRONG_SUFFIX = re.compile(
+    r"\b(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Place|Pl|Terrace|Ter|"
+    r"Way|Parkway|Pkwy|Highway|Hwy)\b"
+)
 _SSN_WORDS = re.compile(r"(?i)\b(?:ssn|social security(?: number| no\.?)?|ss#)")
 _AADHAAR_WORDS = re.compile(r"(?i)\b(?:aadhaar|aadhar|uidai|uid)\b")
 _IDNR_WORDS = re.compile(
     r"(?i)(?:steuer-?id|steuer-?identifikationsnummer|identifikationsnummer|\bidnr\b|"
     r"\btax (?:id|identification number)\b|\btin\b)"
 )
-_SENTENCE_BREAK = re.compile(r"[.!?;]\s|\n")
+# A sentence ends at . ! ? ; followed by a space (but not after the abbreviations that
+# introduce numbers: "Tel.", "No.", "Nr.", "Ph.", "Fax.") or at a newline.
+_SENTENCE_BREAK = re.compile(r"(?<![Tt]el)(?<![Nn]o)(?<![Nn]r)(?<!Ph)(?<!ph)(?<!Fax)(?<!fax)[.!?;]\s|\n")
+
+
+def _token_before(text: str, start: int) -> str:
+    """The non-space characters right before ``start`` (within the context window)."""
+    window = text[max(0, start - CONTEXT_CHARS) : start]
+    return window.rsplit(None, 1)[-1] if window and not window[-1].isspace() else ""
 
 
 def _before(m: Match, start: int) -> str:
@@ -433,7 +447,7 @@ _CARD_BRANDS: tuple[tuple[str, tuple[tuple[int, int], ...], tuple[int, ...]], ..
     ("discover", ((6011, 6011), (644, 649), (65, 65), (622126, 622925)), (16, 17, 18, 19)),
     ("unionpay", ((62, 62), (81, 81)), (16, 17, 18, 19)),
     ("maestro", ((5018, 5018), (5020, 5020), (5038, 5038), (5893, 5893), (6304, 6304), (6759, 6759),
-                 (6761, 6763), (6390, 6390), (604, 604), (56, 58), (67, 67)), (12, 13, 14, 15, 16, 17, 18, 19)),
+                 (6761, 6763), (56, 58), (67, 67)), (16, 17, 18, 19)),
     ("rupay", ((60, 60), (508, 508)), (16,)),
 )
 
@@ -530,6 +544,8 @@ class _Validators:
             not lab or lab[0] == "-" or lab[-1] == "-" or len(lab) > 63 for lab in labels
         ):
             return []
+        if "://" in _token_before(m.string, m.start()):
+            return []  # "scheme://user:secret@host": URL credentials, the secrets detector's
         return [_Hit("email", m.start(), m.end(), value, value.casefold(), 0.95, "email address")]
 
     def _iban(self, m: Match) -> list[_Hit]:
@@ -563,7 +579,9 @@ class _Validators:
         except ValueError:
             return []
         if addr.version == 4:
-            if all(len(octet) == 1 for octet in value.split(".")):
+            if all(len(octet) == 1 for octet in value.split(".")) or _VERSION_WORDS.search(
+                _before(m, m.start())
+            ):
                 return []
             if any(len(octet) > 1 and octet[0] == "0" for octet in value.split(".")):
                 return []
@@ -581,6 +599,9 @@ class _Validators:
 
     def _address(self, m: Match) -> list[_Hit]:
         value = m.group()
+        number, _, rest = value.partition(" ")
+        if len(number.rstrip("ABCDEFGHIJKLMNOPQRSTUVWXYZ")) == 1 and not _STRONG_SUFFIX.search(rest):
+            return []  # "3 Main Points": a one-digit count before words, unless clearly a street
         norm = re.sub(r"[\W_]+", "", value.casefold())
         return [_Hit("address", m.start(), m.end(), value, norm, 0.7, "US street address")]
 
@@ -599,7 +620,7 @@ class _Validators:
             std_isbn.is_valid(text.replace(" ", "-"))
         ):
             return []
-        windows = _windows(len(groups))
+        windows = _windows(groups, seps)
         for i, j in windows:
             hit = self._number_window(m, before, negative, groups, seps, starts, i, j)
             if hit is not None:
@@ -671,8 +692,11 @@ class _Validators:
     def _phone(self, m: Match, before: str, all_groups: list[str], all_seps: list[str],
                starts: list[int], windows: list[tuple[int, int]]) -> _Hit | None:
         """Phone numbers: widest window first, then the first configured region whose plan
-        accepts it; the candidate's digit grouping must agree with how that plan writes the
-        number (which is what rejects stray neighbouring groups)."""
+        accepts it. A number written without "+" must also be written the way that plan
+        writes it: the same digits as its national form (trunk prefix included) or as
+        country code + number, and digit groups that agree with the plan's grouping. That is
+        what keeps "2976 5568" (valid in some plan, written in none) and stray neighbouring
+        groups out. "+" numbers are distinctive enough on their own."""
         text = m.group()
         base = m.start()
         plus = text.startswith("+")
@@ -693,8 +717,8 @@ class _Validators:
             digits = "".join(groups)
             if not 7 <= len(digits) <= 15:
                 continue
-            if "." in seps and any(len(x) == 1 for x in groups):
-                continue  # dotted with one-digit groups: a version, not a phone number
+            if "." in seps and (len(groups) < 3 or any(len(x) == 1 for x in groups)):
+                continue  # a decimal number, or a version with one-digit parts
             if "/" in seps and len(groups) >= 3:
                 continue
             if len(groups) == 1 and not plus and not value.startswith("(") and not _PHONE_WORDS.search(before):
@@ -706,8 +730,12 @@ class _Validators:
                     parsed = phonenumbers.parse(value, r)
                 except phonenumbers.NumberParseException:
                     continue
-                if not phonenumbers.is_valid_number(parsed) or not _grouping_ok(parsed, groups):
+                if not phonenumbers.is_valid_number(parsed):
                     continue
+                if not plus and not _national_digits_ok(parsed, "".join(groups), bool(_PHONE_WORDS.search(before))):
+                    continue
+                if (s, e) != (base, m.end()) and not _grouping_ok(parsed, groups):
+                    continue  # a window must be grouped the plan's way to drop its neighbours
                 region = phonenumbers.region_code_for_number(parsed) or (r or "")
                 nsn = phonenumbers.national_significant_number(parsed)
                 return _Hit("phone", s, e, m.string[s:e], nsn, 0.85, "phone number", (("region", region),))
@@ -745,15 +773,40 @@ def _grouping_ok(number: phonenumbers.PhoneNumber, groups: list[str]) -> bool:
     return False
 
 
+def _national_digits_ok(number: phonenumbers.PhoneNumber, digits: str, phone_word: bool) -> bool:
+    """Written as the plan writes it: national form (with its trunk prefix), or country code
+    + number (optionally after 00/011). Without the trunk prefix (common for Indian mobiles)
+    only after a phone word."""
+    national = "".join(_GROUP.findall(
+        phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL).split(" ext.")[0]))
+    nsn = phonenumbers.national_significant_number(number)
+    intl = str(number.country_code) + nsn
+    return digits in (national, intl, "00" + intl, "011" + intl) or (phone_word and digits == nsn)
+
+
 def _ssn_shaped(groups: list[str], seps: list[str]) -> bool:
     return [len(x) for x in groups] == [3, 2, 4] and len(set(seps)) == 1 and seps[0] in ("-", " ")
 
 
-def _windows(g: int) -> list[tuple[int, int]]:
+def _windows(groups: list[str], seps: list[str]) -> list[tuple[int, int]]:
     """Group windows to try, widest first then leftmost: the whole match, then with up to one
     stray group dropped at the start and up to two at the end ("call 555-123-4567 2 times",
-    "item 2 4111 1111 1111 1111")."""
-    out = {(i, j) for i in range(min(2, g)) for j in range(max(i + 1, g - 2), g + 1)}
+    "item 2 4111 1111 1111 1111", "4111 1111 1111 1111 12/25"). A group may only be dropped
+    when it is short (<= 2 digits) or set off by another separator than the window uses: in
+    a list of numbers ("5397 2976 5568 5202") every window would otherwise be one more chance
+    for a checksum or a numbering plan to accept a coincidence."""
+    g = len(groups)
+    out = [(0, g)]
+    for i in range(min(2, g)):
+        for j in range(max(i + 1, g - 2), g + 1):
+            if (i, j) == (0, g):
+                continue
+            inner = set(seps[i : j - 1])
+            # the separator between a dropped group and the window
+            ok = all(len(groups[k]) <= 2 or seps[i - 1] not in inner for k in range(i))
+            ok = ok and all(len(groups[k]) <= 2 or seps[j - 1] not in inner for k in range(j, g))
+            if ok:
+                out.append((i, j))
     return sorted(out, key=lambda w: (w[0] - w[1], w[0]))
 
 

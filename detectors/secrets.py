@@ -247,13 +247,15 @@ _HASH_WORDS = re.compile(
     r"\brev\b|object id|oid|build id|trace[_\-\s]?id|span[_\-\s]?id|request[_\-\s]?id|uuid|guid)"
 )
 _HEX = re.compile(r"[0-9a-fA-F]+")
+_CLAUSE_BREAK = re.compile(r"[.!?;]\s|\n")
+_ASSIGNED = re.compile(r"[:=]\s{0,3}[\"'`]?$")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _HASH_LENGTHS = frozenset({7, 8, 10, 12, 16, 32, 40, 56, 64, 96, 128})
 _WORDY = re.compile(r"[a-z]{5,}|[A-Z][a-z]{4,}|[A-Z]{5,}")
 _PATH_SEGMENT = re.compile(r"[a-z0-9._\-]*|[A-Z]?[a-z]+[0-9._\-]*")
 _SRI = re.compile(r"(?i)sha(?:1|256|384|512)-")
 _PLACEHOLDER_PASSWORD = re.compile(
-    r"(?i)^(?:[<{\[$%*?x.]|pass(?:word|wd)?\d?$|secret$|pwd$|your[_\-]?pass(?:word)?$|changeme$|"
+    r"(?i)^(?:[<{\[$%*?.]|pass(?:word|wd)?\d?$|secret$|pwd$|your[_\-]?pass(?:word)?$|changeme$|"
     r"example$|password123$|user$|username$|p@ssw0rd$|mypassword$|\*+$|x+$)"
 )
 _LOW_DIVERSITY_CHARS = 8
@@ -404,7 +406,8 @@ class _Validators:
         n = len(token)
         body = token.rstrip("=")
         text = m.string
-        before = text[max(0, s - _KEYWORD_WINDOW) : s]
+        # the clause before the token: a secret word in the previous sentence says nothing
+        before = _CLAUSE_BREAK.split(text[max(0, s - _KEYWORD_WINDOW) : s])[-1]
         # AWS secret access key: 40 base64 characters shortly after an access key id.
         if len(body) == 40 and 0 <= s - aws_key_end <= _AWS_PAIR_WINDOW and "_" not in body and (
             "-" not in body
@@ -418,13 +421,17 @@ class _Validators:
         if "base64," in text[max(0, s - 8) : s] or "data:" in before:
             return None
         if _HEX.fullmatch(body):
-            if not keyword or len(body) < 32:
+            # hex is a hash far more often than a key: only a secret word with an
+            # assignment right before it ("api_key = '9f86...'") makes it one, and a hash
+            # length needs both
+            if not keyword or len(body) < 32 or (len(body) in _HASH_LENGTHS and not _ASSIGNED.search(before)):
                 return None
         else:
-            if not any(c.isdigit() for c in body) or not any(c.isalpha() for c in body):
-                return None
-            if sum(len(w) for w in _WORDY.findall(body)) >= 0.4 * len(body):
-                return None
+            if not (any(c.isdigit() for c in body) and any(c.islower() for c in body)
+                    and any(c.isupper() for c in body)):
+                return None  # issued tokens mix all three; codes, words and IBANs do not
+            if sum(len(w) for w in _WORDY.findall(body)) >= 0.5 * len(body):
+                return None  # mostly words: an identifier (1% of random tokens look like this)
             if body.count("/") >= 2 and all(_PATH_SEGMENT.fullmatch(seg) for seg in body.split("/")):
                 return None
             if body.count("-") + body.count("_") >= 2 and all(
