@@ -1,4 +1,4 @@
-"""The ``gapwatch`` command line: serve, check-config, simulate-upstream, demo."""
+"""The ``gapwatch`` command line: serve, check-config, simulate-upstream, demo, replay, eval."""
 
 from __future__ import annotations
 
@@ -113,6 +113,18 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(port=args.port, duration=args.duration)
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from proxy.replay import run
+
+    return run(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from proxy.evaluate import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gapwatch", description="LLM output-monitoring proxy")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -134,6 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--port", type=int, default=8080)
     d.add_argument("--duration", type=float, default=0, help="seconds to run (0 = until Ctrl-C)")
     d.set_defaults(fn=_demo)
+    from proxy import evaluate, replay
+
+    r = sub.add_parser("replay", help="run a policy's detectors over recorded exchanges (no upstream)")
+    replay.add_arguments(r)
+    r.set_defaults(fn=_replay)
+    e = sub.add_parser("eval", help="send an evaluation suite through the proxy to models and compare them")
+    evaluate.add_arguments(e)
+    e.set_defaults(fn=_eval)
     args = p.parse_args(argv)
     return int(args.fn(args))
 
