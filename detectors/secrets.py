@@ -416,7 +416,7 @@ class _Validators:
         if not self.entropy or n > 128 or len(body) < self.min_len:
             return None
         keyword = bool(_SECRET_WORDS.search(before))
-        if _HASH_WORDS.search(before) or _UUID.search(token) or _SRI.match(token):
+        if _HASH_WORDS.search(before) or _UUID.search(token) or _SRI.match(token) or _placeholder_like(body):
             return None
         if "base64," in text[max(0, s - 8) : s] or "data:" in before:
             return None

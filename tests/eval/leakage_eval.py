@@ -7,7 +7,8 @@ numbers, version strings, git SHAs, UUIDs, ISBNs, timestamps, dates, prices, hex
 base64 text and images, product codes, Luhn-failing card-like numbers, IBANs with a broken
 check, private IPs, documentation placeholder keys, identifiers and paths. The generated file
 is committed (``tests/data/leakage_eval/leakage_eval.jsonl``), so results do not move with
-faker releases; ``--generate`` rewrites it reproducibly for the installed faker.
+faker releases; ``--generate`` rewrites it from the seed (identical for the same faker
+version; faker's French and Italian identifiers derive birth dates from today's date).
 
 Run (prints precision, recall and F1 per kind):
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import datetime
 import hashlib
 import json
 import random
@@ -372,6 +374,11 @@ def _iban_broken(v: _Values, r: random.Random) -> str:
             return broken
 
 
+def _when(r: random.Random) -> datetime.datetime:
+    """A timestamp that does not depend on today's date (faker's do)."""
+    return datetime.datetime(2001, 1, 1) + datetime.timedelta(seconds=r.randint(0, 30 * 365 * 86400))
+
+
 def _b64_text(f) -> str:  # type: ignore[no-untyped-def]
     return base64.b64encode(f.sentence(nb_words=8).encode()).decode()
 
@@ -395,10 +402,9 @@ _NEGATIVES: dict[str, Callable[[_Values, random.Random, object], str]] = {
     "uuid": lambda v, r, f: str(uuid.UUID(bytes=r.randbytes(16), version=4)),
     "isbn": lambda v, r, f: "ISBN " + r.choice([f.isbn13(), f.isbn10()]),
     "isbn_bare": lambda v, r, f: f.isbn13(),
-    "timestamp": lambda v, r, f: r.choice([f.iso8601(), str(r.randint(1_500_000_000, 1_800_000_000)),
+    "timestamp": lambda v, r, f: r.choice([_when(r).isoformat(), str(r.randint(1_500_000_000, 1_800_000_000)),
                                            str(r.randint(1_500_000_000_000, 1_800_000_000_000))]),
-    "date": lambda v, r, f: r.choice([f.date(pattern="%d/%m/%Y"), f.date(pattern="%Y-%m-%d"),
-                                      f.date(pattern="%d.%m.%Y"), f.date(pattern="%m/%d/%Y")]),
+    "date": lambda v, r, f: _when(r).strftime(r.choice(["%d/%m/%Y", "%Y-%m-%d", "%d.%m.%Y", "%m/%d/%Y"])),
     "price": lambda v, r, f: r.choice([f"${r.randint(1, 99999):,}.{r.randint(0, 99):02d}",
                                        f"€ {r.randint(1000, 9999999):,}".replace(",", "."),
                                        f"{r.randint(1, 999)} {r.randint(100, 999)} €", f"₹{r.randint(100, 10**7)}"]),
