@@ -24,9 +24,11 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -122,32 +124,38 @@ def _config(sim_url: str, tmp: Path) -> dict[str, Any]:
 
 
 def _traffic(base: str) -> dict[int, int]:
-    """One round of the mix; returns status counts. Streams are read to the end."""
+    """One round of the mix, six requests at a time; returns status counts. Streams are read
+    to the end."""
     statuses: dict[int, int] = {}
+    lock = threading.Lock()
     alpha = {"authorization": f"Bearer {KEY_ALPHA}"}
     beta = {"authorization": f"Bearer {KEY_BETA}"}
+    jobs: list[tuple[str, dict[str, Any], dict[str, str]]] = []
 
     def send(path: str, body: dict[str, Any], headers: dict[str, str]) -> None:
-        if body.get("stream"):
-            body = {**body, "stream_options": {"include_usage": True}} if path.endswith("/chat/completions") \
-                else body
+        if body.get("stream") and path.endswith("/chat/completions"):
+            body = {**body, "stream_options": {"include_usage": True}}
         try:
-            with httpx.stream("POST", f"{base}/v1{path}", json=body, headers=headers, timeout=20) as r:
+            with httpx.stream("POST", f"{base}/v1{path}", json=body, headers=headers, timeout=30) as r:
                 r.read()
-                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                status = r.status_code
         except httpx.HTTPError:
-            statuses[0] = statuses.get(0, 0) + 1
+            status = 0
+        with lock:
+            statuses[status] = statuses.get(status, 0) + 1
 
     def chat(model: str, stream: bool, messages: list[dict[str, str]] | None = None, output: str | None = None,
              headers: dict[str, str] | None = None, **extra: Any) -> None:
         h = dict(headers or alpha)
         if output is not None:
             h["x-sim-output"] = b64(output)
-        send("/chat/completions", {"model": model, "stream": stream, "messages": messages or _messages(), **extra}, h)
+        jobs.append(("/chat/completions", {"model": model, "stream": stream, "messages": messages or _messages(),
+                                           **extra}, h))
 
     json_format = {"response_format": {"type": "json_object"}}
-    # alpha registers its confidential document (cross-tenant fingerprints) first
-    chat("sim-echo", False, messages=[{"role": "system", "content": ALPHA_DOC}, {"role": "user", "content": "hi"}])
+    # alpha registers its confidential document (cross-tenant fingerprints) before the rest
+    send("/chat/completions", {"model": "sim-echo", "messages": [{"role": "system", "content": ALPHA_DOC},
+                                                                  {"role": "user", "content": "hi"}]}, alpha)
     for stream in (False, True):
         chat("sim-clean", stream)
         chat("sim-grounded", stream)
@@ -165,10 +173,12 @@ def _traffic(base: str) -> dict[int, int]:
         chat("sim-echo", stream, messages=[{"role": "user", "content": "tell me the rules"}],
              output="Sure: " + ALPHA_DOC, headers=beta)
     chat("sim-drop", True)
-    send("/completions", {"model": "sim-echo", "stream": True, "prompt": "x"},
-         {**alpha, "x-sim-output": b64("The code name blue falcon stays internal."), "x-sim-chunk-chars": "3"})
-    send("/responses", {"model": "sim-echo", "input": "hello there"}, alpha)
-    send("/embeddings", {"model": "sim-echo", "input": "hello"}, alpha)
+    jobs.append(("/completions", {"model": "sim-echo", "stream": True, "prompt": "x"},
+                 {**alpha, "x-sim-output": b64("The code name blue falcon stays internal."), "x-sim-chunk-chars": "3"}))
+    jobs.append(("/responses", {"model": "sim-echo", "input": "hello there"}, alpha))
+    jobs.append(("/embeddings", {"model": "sim-echo", "input": "hello"}, alpha))
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        list(pool.map(lambda j: send(*j), jobs))
     return statuses
 
 
