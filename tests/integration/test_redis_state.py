@@ -234,7 +234,7 @@ class WebhookReceiver:
         received = self.received
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 ok = verify_signature(SECRET.encode(), body, self.headers.get(TIMESTAMP_HEADER),
                                       self.headers.get(SIGNATURE_HEADER))
