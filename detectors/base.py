@@ -48,12 +48,13 @@ class Channel:
     kind: str = "text"
     tool_index: int | None = None
     tool_name: str | None = None
+    # identity of the channel regardless of tool_name (which arrives with the first delta only);
+    # computed once because it keys per-channel state on every delta
+    key: str = field(init=False, repr=False, compare=False, hash=False, default="")
 
-    @property
-    def key(self) -> str:
-        if self.kind == "tool_call":
-            return f"{self.choice}:tool:{self.tool_index}"
-        return f"{self.choice}:text"
+    def __post_init__(self) -> None:
+        k = f"{self.choice}:tool:{self.tool_index}" if self.kind == "tool_call" else f"{self.choice}:text"
+        object.__setattr__(self, "key", k)
 
 
 TEXT = Channel()

@@ -28,6 +28,9 @@ from detectors.stream_scan import StreamScanner
 
 SeverityName = str
 
+# scan the regex window once per this many new characters rather than on every delta
+_SCAN_BATCH_CHARS = 24
+
 
 def _severity(name: str) -> Severity:
     try:
@@ -83,7 +86,7 @@ class RegexDetector(Detector):
 
     @property
     def lookback_chars(self) -> int:
-        return self._window
+        return self._window + _SCAN_BATCH_CHARS - 1
 
     def open_channel(self, prepared: Any, channel: Channel) -> ChannelState | None:
         if channel.kind not in self._channels:
@@ -97,7 +100,7 @@ class _RegexState(ChannelState):
     def __init__(self, det: RegexDetector, channel: Channel) -> None:
         self._det = det
         self._channel = channel
-        self._scanner = StreamScanner(det._pattern, det._window)
+        self._scanner = StreamScanner(det._pattern, det._window, _SCAN_BATCH_CHARS)
 
     def _findings(self, hits: list[tuple[int, int, Any]]) -> list[Finding]:
         out = []

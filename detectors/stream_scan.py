@@ -25,11 +25,16 @@ class StreamScanner:
     Yields ``(start, end, match)`` with absolute character offsets.
     """
 
-    __slots__ = ("_base", "_buf", "_done", "_pattern", "_scan_from", "_window")
+    __slots__ = ("_base", "_buf", "_done", "_min_scan", "_pattern", "_scan_from", "_unscanned", "_window")
 
-    def __init__(self, pattern: _Pattern, window: int) -> None:
+    def __init__(self, pattern: _Pattern, window: int, min_scan_chars: int = 1) -> None:
+        """``min_scan_chars`` > 1 batches scans: the buffer is only scanned once that many new
+        characters are pending (or at finish), so the window is not rescanned on every small
+        delta. A caller that holds text back must add ``min_scan_chars - 1`` to its hold-back."""
         self._pattern = pattern
         self._window = max(1, window)
+        self._min_scan = max(1, min_scan_chars)
+        self._unscanned = 0
         self._buf = ""
         self._base = 0  # absolute offset of _buf[0]
         self._scan_from = 0  # absolute offset: matches starting before it are decided
@@ -39,6 +44,10 @@ class StreamScanner:
         if self._done or not text:
             return []
         self._buf += text
+        self._unscanned += len(text)
+        if self._unscanned < self._min_scan:
+            return []
+        self._unscanned = 0
         return self._scan(final=False)
 
     def finish(self) -> list[tuple[int, int, Any]]:

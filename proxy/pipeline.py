@@ -183,7 +183,8 @@ class ResponsePipeline:
     # -- running detectors -------------------------------------------------------------------
 
     def _guard(self, entry: DetectorEntry, fn):  # type: ignore[no-untyped-def]
-        """Run one detector call: time it, contain its failures (fail open or closed)."""
+        """Run one detector call outside the per-delta path (start, finish): time it and
+        contain its failures (fail open or closed)."""
         t0 = time.perf_counter_ns()
         try:
             return fn()
@@ -216,6 +217,30 @@ class ResponsePipeline:
             if self._over_budget(entry):
                 self._detector_failed(entry, "time_budget_exceeded")
                 self._states[i] = (entry, _det, None)
+            if found:
+                for f in found:
+                    self._apply(entry, f)
+
+    def _feed_all(self, channel: Channel, text: str) -> None:
+        """The per-delta hot path: direct calls, one clock read per detector."""
+        ns = self.outcome.detector_ns
+        clock = time.perf_counter_ns
+        states = self._states
+        for i in range(len(states)):
+            entry, det, state = states[i]
+            if state is None:
+                continue
+            t0 = clock()
+            try:
+                found = state.feed(channel, text)
+            except Exception as exc:  # noqa: BLE001 - a detector bug must never fail the request
+                found = None
+                self._detector_failed(entry, type(exc).__name__)
+                states[i] = (entry, det, None)
+            spent = ns[entry.name] = ns.get(entry.name, 0) + clock() - t0
+            if spent > self._budget_ns and states[i][2] is not None:
+                self._detector_failed(entry, "time_budget_exceeded")
+                states[i] = (entry, det, None)
             if found:
                 for f in found:
                     self._apply(entry, f)
@@ -267,7 +292,7 @@ class ResponsePipeline:
         buf.append(text)
         if self.flow is Flow.BLOCK:
             return
-        self._run(lambda s: s.feed(channel, text))
+        self._feed_all(channel, text)
 
     def feed_logprobs(self, channel: Channel, items: list[tuple[str, float]]) -> None:
         if self.flow is not Flow.BLOCK:
