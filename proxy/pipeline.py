@@ -158,6 +158,7 @@ class Outcome:
     detector_ns: dict[str, int] = field(default_factory=dict)
     late_redactions: int = 0
     signals: dict[str, object] = field(default_factory=dict)  # response-level, for metrics
+    not_applicable: tuple[str, ...] = ()  # detectors with nothing to check in this request
 
 
 class ResponsePipeline:
@@ -176,9 +177,15 @@ class ResponsePipeline:
         self.new_annotations: list[Applied] = []
         self._budget_ns = int(policy.config.detector_budget_ms * 1e6)
         self._states: list[tuple[DetectorEntry, Detector, ResponseState | None]] = []
+        skipped = []
         for entry, det in zip(policy.entries, policy.detectors, strict=True):
+            applies = getattr(det, "applies", None)
+            if applies is not None and not self._guard(entry, lambda a=applies: a(ctx)):
+                skipped.append(entry.name)  # e.g. schema with no response_format, tools or route schema
+                continue
             state = self._guard(entry, lambda d=det: d.start(ctx))
             self._states.append((entry, det, state if isinstance(state, ResponseState) else None))
+        self.outcome.not_applicable = tuple(skipped)
 
     # -- running detectors -------------------------------------------------------------------
 
