@@ -10,6 +10,14 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Mapping
+
+try:  # the encodings httpx decodes here (brotli and zstd only when their packages are installed)
+    from httpx._decoders import SUPPORTED_DECODERS as _DECODERS
+
+    DECODABLE = frozenset(_DECODERS)
+except ImportError:  # pragma: no cover - a future httpx layout
+    DECODABLE = frozenset({"identity", "gzip", "deflate"})
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
@@ -41,15 +49,36 @@ def request_id(incoming: str | None) -> str:
 
 def forward_request_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
     out: dict[str, str] = {}
+    listed = _connection_tokens(raw)
     for k, v in raw:
         k = k.lower()
-        if k in REQUEST_ALLOW or k.startswith(REQUEST_ALLOW_PREFIXES):
-            try:
-                out[k.decode("latin-1")] = v.decode("latin-1")
-            except UnicodeDecodeError:
-                continue
+        if k in listed:
+            continue
+        if (k in REQUEST_ALLOW or k.startswith(REQUEST_ALLOW_PREFIXES)) and v.isascii():
+            # non-ASCII values (legal obs-text on the wire) are dropped: httpx sends ASCII only
+            out[k.decode("latin-1")] = v.decode("latin-1")
+    return out
+
+
+def _connection_tokens(raw: list[tuple[bytes, bytes]]) -> set[bytes]:
+    """Header names listed in ``Connection`` are hop-by-hop too (RFC 9110 7.6.1)."""
+    out: set[bytes] = set()
+    for k, v in raw:
+        if k.lower() == b"connection":
+            out.update(t.strip().lower() for t in v.split(b",") if t.strip())
     return out
 
 
 def response_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return [(k, v) for k, v in raw if k.lower() not in RESPONSE_DROP]
+    listed = _connection_tokens(raw)
+    return [(k, v) for k, v in raw if k.lower() not in RESPONSE_DROP and k.lower() not in listed]
+
+
+def undecodable_encoding(headers: Mapping[str, str]) -> str | None:
+    """The first content coding of a response that httpx cannot decode (it would pass such
+    bytes on undecoded), or None."""
+    for token in headers.get("content-encoding", "").split(","):
+        token = token.strip().lower()
+        if token and token not in DECODABLE:
+            return token
+    return None

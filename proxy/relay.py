@@ -102,9 +102,12 @@ class StreamRelay:
     def on_event(self, ev: SSEEvent, now: float) -> bytes:
         """Bytes to send to the client for one upstream event (may be empty)."""
         if self.done:
-            if ev.data is not None or ev.event is not None:
+            if (ev.data is not None or ev.event is not None) and not self.blocked:
                 self.anomalies.append("after_done")
             return b""
+        if not ev.raw.isascii() and not _valid_utf8(ev.raw):
+            self.anomalies.append("invalid_utf8")
+            ev = reencoded(ev)
         if ev.data is None:
             return ev.raw
         if ev.is_done:
@@ -213,6 +216,10 @@ class StreamRelay:
             return b"", True
         self.ex.truncated = True
         pl = self.pipeline
+        if self.errored:  # the upstream's error event was the end: relayed, nothing to add
+            if pl is not None:
+                pl.finish(truncated=True)
+            return b"", True
         if pl is not None:
             pl.finish(truncated=True)
             if pl.flow is Flow.BLOCK:
@@ -381,6 +388,26 @@ class StreamRelay:
         else:
             return ev.raw
         return prefix + name + b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _valid_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def reencoded(ev: SSEEvent) -> SSEEvent:
+    """An event rebuilt from its parsed fields (decoded with U+FFFD for invalid bytes), so the
+    client only ever gets valid UTF-8. Comments and unknown fields are dropped."""
+    lines = []
+    if ev.event is not None:
+        lines.append(b"event: " + ev.event.encode())
+    if ev.data is not None:
+        lines += [b"data: " + line.encode() for line in ev.data.split("\n")]
+    raw = b"\n".join(lines) + b"\n\n" if lines else b""
+    return SSEEvent(raw=raw, data=ev.data, event=ev.event, comment=ev.comment)
 
 
 def _strip_logprobs(obj: dict[str, Any]) -> bool:

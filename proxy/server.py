@@ -27,6 +27,7 @@ from proxy.errors import (
     BodyTooLarge,
     Overloaded,
     ProxyError,
+    Unauthorized,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -182,6 +183,7 @@ class ProxyApp:
             gw.in_flight -= 1
             gw.metrics.in_flight.dec()
             ex.ended = time.perf_counter()
+            _log_detector_errors(ex)
             gw.telemetry.finished(ex)
 
     async def _watch(self, receive: Receive, body_done: asyncio.Event, task: asyncio.Task[Any],
@@ -241,6 +243,8 @@ class ProxyApp:
                 api_key_hdr = v.decode("latin-1")
             elif k.startswith(b"x-gapwatch-"):
                 lower[k.decode("latin-1")] = v.decode("latin-1")
+        if not (client_auth or "").isascii() or not (api_key_hdr or "").isascii():
+            raise Unauthorized("the Authorization / api-key header must be ASCII")
 
         tenant = None
         if gw.tenants.enabled:
@@ -320,6 +324,13 @@ class ProxyApp:
         finally:
             ex.upstream_wait += time.perf_counter() - t0
         ex.upstream_headers_at = time.perf_counter()
+        if 300 <= resp.status_code < 400:
+            # never followed, and never handed to the client to follow: the Location could
+            # point anywhere (an internal address), and the client's credentials would go along
+            await resp.aclose()
+            ex.upstream_error = "redirect"
+            raise UpstreamError(f"upstream '{upstream.name}' answered with a redirect ({resp.status_code}); "
+                                "gapwatch does not follow redirects", code="upstream_redirect")
         return resp
 
     async def _read_all(self, ex: Exchange, upstream: Upstream, resp: httpx.Response) -> bytes:
@@ -345,30 +356,27 @@ class ProxyApp:
         resp = await self._open(ex, upstream, method, url, fwd, body)
         try:
             ex.status = resp.status_code
+            headers = _resp_headers(resp, ex.request_id)
             if resp.status_code >= 400:
                 ex.upstream_error = f"status_{resp.status_code // 100}xx"
-            await sent.start(resp.status_code, _resp_headers(resp, ex.request_id))
-            cfg = upstream.config
-            deadline = time.monotonic() + cfg.max_stream_duration_seconds
+            elif ex.stream:
+                # event by event (the original bytes of each): the same checks as with
+                # detectors (content type, line cap, timeouts, truncation, invalid UTF-8)
+                _check_stream_response(ex, upstream, resp)
+                await self._relay(sent, ex, upstream, resp, StreamRelay(ex, None, False), False, headers)
+                return
+            # an encoding the proxy cannot decode goes out as sent, still labelled
+            raw = hdrs.undecodable_encoding(resp.headers) is not None
+            it = (resp.aiter_raw() if raw else resp.aiter_bytes()).__aiter__()
+            await sent.start(resp.status_code, headers)
+            deadline = time.monotonic() + upstream.config.max_stream_duration_seconds
             first = True
-            parser = SSEParser(self.gw.config.server.max_sse_line_bytes) if ex.stream else None
-            relay = StreamRelay(ex, None, False) if parser is not None else None
-            it = resp.aiter_bytes().__aiter__()
             while True:
                 chunk = await self._next_chunk(ex, upstream, it, first, deadline)
                 if chunk is None:
                     break
                 first = False
-                if relay is not None and parser is not None and resp.status_code < 400:
-                    now = time.perf_counter()
-                    try:
-                        for ev in parser.feed(chunk):
-                            relay.on_event(ev, now)  # metrics only: bytes go out unchanged
-                    except LineTooLong:
-                        parser = None
                 await sent.body(chunk, more=True)
-            if relay is not None and resp.status_code < 400 and not relay.done and not relay.errored:
-                ex.truncated = True
             await sent.body(b"", more=False)
         finally:
             ex.upstream_ended = ex.upstream_ended or time.perf_counter()
@@ -410,6 +418,8 @@ class ProxyApp:
         while True:
             resp = await self._open(ex, upstream, "POST", url, fwd, body_bytes)
             try:
+                if resp.status_code < 400:
+                    _check_encoding(ex, upstream, resp)
                 data = await self._read_all(ex, upstream, resp)
             finally:
                 await resp.aclose()
@@ -471,11 +481,7 @@ class ProxyApp:
                     await sent.start(resp.status_code, _resp_headers(resp, ex.request_id))
                     await sent.body(data, more=False)
                     return
-                ctype = resp.headers.get("content-type", "")
-                if "text/event-stream" not in ctype:
-                    ex.upstream_error = "protocol"
-                    raise UpstreamError("upstream answered a streaming request without an event stream "
-                                        f"(content-type {ctype.split(';')[0][:40]!r})", code="upstream_protocol")
+                _check_stream_response(ex, upstream, resp)
                 pl = ResponsePipeline(policy, ctx, attempt=attempt,
                                       can_retry=buffered and attempt + 1 < max_attempts)
                 ex.outcomes.append(pl.outcome)
@@ -490,11 +496,12 @@ class ProxyApp:
             return
 
     async def _relay(self, sent: _SendGuard, ex: Exchange, upstream: Upstream, resp: httpx.Response,
-                     relay: StreamRelay, buffered: bool) -> bool:
+                     relay: StreamRelay, buffered: bool, headers: list[tuple[bytes, bytes]] | None = None) -> bool:
         """Pump one upstream stream to the client. Returns True when the policy wants a retry
-        (only possible while nothing has been sent: buffered mode)."""
+        (only possible while nothing has been sent: buffered mode). Without a pipeline
+        (``relay.pipeline is None``) each event goes out as the upstream sent it."""
         parser = SSEParser(self.gw.config.server.max_sse_line_bytes)
-        headers = [*SSE_HEADERS, (b"x-request-id", ex.request_id.encode())]
+        headers = headers or [*SSE_HEADERS, (b"x-request-id", ex.request_id.encode())]
         if not buffered and not sent.started:
             await sent.start(200, headers)
         held = bytearray()
@@ -516,10 +523,8 @@ class ProxyApp:
                     raise UpstreamError("upstream sent an SSE line over server.max_sse_line_bytes",
                                         code="upstream_protocol") from None
                 out = bytearray()
-                for ev in events:
+                for ev in events:  # after [DONE] too: those are counted, never sent
                     out += relay.on_event(ev, now)
-                    if relay.done:
-                        break
                 if out:
                     if buffered:
                         held += out
@@ -538,8 +543,8 @@ class ProxyApp:
             # mid-stream failure: finish detectors as truncated, end with an error event
             ex.truncated = True
             ex.status, ex.outcome = err.status, err.outcome
-            assert relay.pipeline is not None
-            relay.pipeline.finish(truncated=True)
+            if relay.pipeline is not None:
+                relay.pipeline.finish(truncated=True)
             if buffered and not sent.started:
                 raise
             await sent.body(bytes(held) + error_event(ex.endpoint, err.message, err.code or "upstream_error"),
@@ -553,6 +558,9 @@ class ProxyApp:
             return True
         if relay.blocked:
             ex.outcome = "blocked"
+        elif relay.errored:  # the upstream's own error event ended the stream
+            ex.outcome = "upstream_error"
+            ex.upstream_error = ex.upstream_error or "error_event"
         if not clean:
             ex.outcome = "truncated"
             tail += error_event(ex.endpoint, "upstream ended the stream before it was complete",
@@ -659,9 +667,44 @@ def _retry_body(raw_body: bytes, pl: ResponsePipeline, ex: Exchange) -> bytes:
     return orjson.dumps(body)
 
 
+def _check_stream_response(ex: Exchange, upstream: Upstream, resp: httpx.Response) -> None:
+    """A streaming request must get an event stream the proxy can decode, else 502."""
+    ctype = resp.headers.get("content-type", "")
+    if "text/event-stream" not in ctype.lower():
+        ex.upstream_error = "protocol"
+        raise UpstreamError("upstream answered a streaming request without an event stream "
+                            f"(content-type {ctype.split(';')[0][:40]!r})", code="upstream_protocol")
+    _check_encoding(ex, upstream, resp)
+
+
+def _check_encoding(ex: Exchange, upstream: Upstream, resp: httpx.Response) -> None:
+    """Detectors must see text: a body in an encoding httpx cannot decode is a protocol error
+    (httpx would hand over the compressed bytes as if they were plain)."""
+    encoding = hdrs.undecodable_encoding(resp.headers)
+    if encoding is not None:
+        ex.upstream_error = "protocol"
+        raise UpstreamError(f"upstream '{upstream.name}' sent a body in an encoding gapwatch cannot decode "
+                            f"({encoding[:20]!r})", code="upstream_protocol")
+
+
+def _log_detector_errors(ex: Exchange) -> None:
+    """One warning per detector failure (its name and the exception type or budget overrun,
+    never the text it was reading); the metric counts them."""
+    if ex.policy is None:
+        return
+    for outcome in ex.outcomes:
+        for err in outcome.detector_errors:
+            name, _, kind = err.partition(":")
+            entry = next((e for e in ex.policy.entries if e.name == name), None)
+            log.warning("detector %s failed (%s) on request %s; policy %s fails %s", name, kind, ex.request_id,
+                        ex.policy.name, entry.on_error if entry is not None else "open")
+
+
 def _resp_headers(resp: httpx.Response, request_id: str) -> list[tuple[bytes, bytes]]:
     out = hdrs.response_headers(resp.headers.raw)
     out = [(k, v) for k, v in out if k.lower() != b"x-request-id"]
+    if hdrs.undecodable_encoding(resp.headers) is not None:  # the body is relayed still encoded
+        out.append((b"content-encoding", resp.headers["content-encoding"].encode("latin-1")))
     out.append((b"x-request-id", request_id.encode()))
     return out
 

@@ -102,10 +102,13 @@ class SSEParser:
                 if ev is not None:
                     out.append(ev)
             else:
+                if end - pos > self._max_line:  # however the bytes were split
+                    raise LineTooLong(f"SSE line longer than {self._max_line} bytes")
                 self._field(bytes(buf[pos:end]))
             pos = nxt
         self._scan = pos
-        if n - pos > self._max_line:
+        pending = n - pos - (1 if n > pos and buf[n - 1] == 0x0D else 0)  # a CR may end the line
+        if pending > self._max_line:
             raise LineTooLong(f"SSE line longer than {self._max_line} bytes")
         # compact: drop dispatched bytes
         if self._start > 65536 or (self._start and self._start == n):

@@ -8,12 +8,38 @@ separate knob.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import httpx
 
 from proxy.config import UpstreamConfig
+
+
+class _UrlWithoutSecrets(logging.Filter):
+    """httpx logs every request's full URL at INFO. A query string can carry a key (an
+    upstream's configured ``query``, a client's ``?api-key=``) and a URL can carry userinfo:
+    the log line keeps scheme, host, port and path only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 2 and isinstance(args[1], httpx.URL):
+            url = args[1]
+            if url.query or url.userinfo:
+                port = f":{url.port}" if url.port is not None else ""
+                safe = f"{url.scheme}://{url.host}{port}{url.path}" + ("?..." if url.query else "")
+                record.args = (args[0], safe, *args[2:])
+        return True
+
+
+_URL_FILTER = _UrlWithoutSecrets()
+
+
+def _install_log_filter() -> None:
+    httpx_log = logging.getLogger("httpx")
+    if _URL_FILTER not in httpx_log.filters:
+        httpx_log.addFilter(_URL_FILTER)
 
 
 @dataclass
@@ -32,6 +58,7 @@ class Upstream:
         client = httpx.AsyncClient(transport=transport, timeout=timeout, follow_redirects=False,
                                    trust_env=False)
         key = os.environ.get(config.api_key_env) if config.api_key_env else None
+        _install_log_filter()
         return cls(name=name, config=config, client=client, api_key=key)
 
     def url(self, path: str, query: bytes) -> httpx.URL:

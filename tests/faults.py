@@ -8,7 +8,7 @@ body larger than the socket buffers that the peer stops reading.
 
 Behaviour is chosen per request by the ``x-sim-fault`` header (the proxy forwards
 ``x-sim-*`` headers) or by a ``/f/<fault>/`` path prefix (so a configured upstream
-``base_url`` can pin one); parameters come from ``x-sim-fault-<name>`` headers or query
+``base_url`` can pin one); parameters come from ``x-sim-fault-<name>`` headers (dashes for underscores) or query
 parameters (an upstream's ``query`` config). Every request is recorded with how and when
 its connection ended, so a test can assert that the proxy closed the upstream side.
 
@@ -27,7 +27,9 @@ Each response is sent with ``connection: close``: one request per connection kee
     eof_after          ``n`` events, then a clean end of body without [DONE]
     error_mid          ``n`` events, then ``data: {"error": ...}``, then a clean end
     raw                the bytes of base64 ``body`` as the response body, ``piece`` bytes per
-                       HTTP chunk, content type ``ctype``
+                       HTTP chunk, content type ``ctype``, extra response headers from
+                       ``resp_headers`` (base64 JSON list of pairs; a ``connection`` header
+                       there replaces the default ``connection: close``)
     html               200 with an HTML page
     json_for_stream    a JSON completion although the request asked for a stream
     status             ``status`` with an OpenAI error body and ``retry_after``
@@ -143,7 +145,8 @@ class _Conn:
             lines.append("transfer-encoding: chunked")
         elif length is not None:
             lines.append(f"content-length: {length}")
-        lines.append("connection: close")
+        if not any(k.lower() == "connection" for k, _ in headers):
+            lines.append("connection: close")
         self.rec.response_started = time.monotonic()
         await self.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
@@ -437,7 +440,8 @@ class _Abort(Exception):
 # -- behaviours ---------------------------------------------------------------------------------
 
 def _param(rec: Record, name: str, default: str) -> str:
-    return rec.headers.get(f"x-sim-fault-{name}", rec.query.get(name, default))
+    """Header ``x-sim-fault-<name with dashes>``, else query parameter ``<name>``."""
+    return rec.headers.get("x-sim-fault-" + name.replace("_", "-"), rec.query.get(name, default))
 
 
 def _num(rec: Record, name: str, default: float) -> float:
@@ -574,7 +578,8 @@ async def _raw(conn: _Conn, rec: Record) -> None:
     piece = int(_num(rec, "piece", 0)) or len(body) or 1
     gap = _num(rec, "gap_ms", 0) / 1000
     status = int(_num(rec, "status", 200))
-    await conn.head(status, [("content-type", ctype)])
+    extra = orjson.loads(base64.b64decode(_param(rec, "resp_headers", "")) or b"[]")
+    await conn.head(status, [("content-type", ctype), *[(str(k), str(v)) for k, v in extra]])
     for i in range(0, len(body), piece):
         if gap and i:
             await asyncio.sleep(gap)
