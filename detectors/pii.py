@@ -125,19 +125,68 @@ _TRIGGER_BACK_CHARS = 70
 
 
 class Match(Protocol):
-    """What the scanner and validators use of a match (``re`` and ``re2`` both provide it)."""
+    """What validators use of a match (``ScanMatch`` and ``re.Match`` both provide it)."""
 
     @property
     def string(self) -> str: ...
     @property
     def lastgroup(self) -> str | None: ...
-    def start(self, group: int | str = 0, /) -> int: ...
-    def end(self, group: int | str = 0, /) -> int: ...
-    def group(self, group: int | str = 0, /) -> Any: ...
+    def start(self) -> int: ...
+    def end(self) -> int: ...
+    def group(self) -> str: ...
 
 
-class Pattern(Protocol):
-    def search(self, text: str, pos: int = 0, /) -> Match | None: ...
+class ScanMatch:
+    """A match of one named alternative: the buffer it was found in, its span there and the
+    name of the alternative."""
+
+    __slots__ = ("_e", "_s", "lastgroup", "string")
+
+    def __init__(self, string: str, start: int, end: int, lastgroup: str) -> None:
+        self.string = string
+        self._s = start
+        self._e = end
+        self.lastgroup = lastgroup
+
+    def start(self) -> int:
+        return self._s
+
+    def end(self) -> int:
+        return self._e
+
+    def group(self) -> str:
+        return self.string[self._s : self._e]
+
+
+_NAMED_GROUP = re.compile(r"\(\?P<(\w+)>")
+
+
+class Alternation:
+    """Named alternatives ``(?P<name>...)|...`` compiled with re2, once over ``str`` and once
+    over ``bytes``: an ASCII buffer (the usual case) is searched as bytes, which skips the
+    wrapper's per-call UTF-8 encoding and offset mapping; other buffers are searched as
+    ``str`` in bounded windows. ``reach`` is ``pattern_reach`` of the source."""
+
+    __slots__ = ("names", "raw", "reach", "text")
+
+    def __init__(self, source: str) -> None:
+        self.text = re2.compile(source)
+        self.raw = re2.compile(source.encode())
+        self.names = tuple(_NAMED_GROUP.findall(source))
+        if self.text.groups != len(self.names):
+            raise ValueError("alternatives must not hold unnamed capturing groups")
+        self.reach = pattern_reach(source)
+
+    def name(self, m: Any) -> str:
+        """Which alternative matched. Reads the wrapper's span table when it has one (one
+        attribute read instead of a bound-checked ``span(i)`` call per group)."""
+        spans = getattr(m, "_spans", None)
+        if spans is None:
+            spans = [m.span(i) for i in range(len(self.names) + 1)]
+        for i, name in enumerate(self.names, 1):
+            if spans[i][0] >= 0:
+                return name
+        return ""
 
 
 def pattern_reach(source: str) -> int:
@@ -170,15 +219,24 @@ class BoundedScanner:
     without running the pattern.
     """
 
-    __slots__ = ("_base", "_buf", "_context", "_pattern", "_pos", "_trigger", "reach")
+    __slots__ = ("_ascii", "_base", "_buf", "_bytes", "_context", "_extra", "_extra_name", "_main", "_pattern",
+                 "_pos", "_trigger", "reach")
 
-    def __init__(self, pattern: Pattern, reach: int, trigger: re.Pattern[str] | None = None,
-                 context: int = CONTEXT_CHARS) -> None:
+    def __init__(self, pattern: Alternation, trigger: re.Pattern[str] | None = None,
+                 context: int = CONTEXT_CHARS, extra: re.Pattern[str] | None = None,
+                 extra_name: str = "") -> None:
         self._pattern = pattern
         self._trigger = trigger
-        self.reach = reach
+        self._extra = extra
+        self._extra_name = extra_name
+        self.reach = max(pattern.reach, pattern_reach(extra.pattern) if extra is not None else 0)
         self._context = context
         self._buf = ""
+        self._bytes: bytes | None = None  # ASCII buffer as bytes, built on demand
+        # last main-pattern search: (absolute start searched from, absolute (s, e, name) or None);
+        # still the answer for later starts up to its match while no text is appended
+        self._main: tuple[int, tuple[int, int, str] | None] | None = None
+        self._ascii = True
         self._base = 0  # absolute offset of _buf[0]
         self._pos = 0  # absolute scan position: everything before it is decided
 
@@ -193,46 +251,83 @@ class BoundedScanner:
 
     def append(self, text: str) -> None:
         self._buf += text
+        self._bytes = None
+        self._main = None
 
     def slice(self, start: int, end: int) -> str:
         """Text between absolute offsets (``start`` must still be buffered)."""
         return self._buf[start - self._base : end - self._base]
 
-    def next_match(self, final: bool) -> tuple[int, Match] | None:
-        """The next settled match at or after the scan position, with the absolute offset of
-        its ``string`` (add it to ``m.start()``), or ``None`` when nothing more is settled.
+    def _search(self, start: int) -> tuple[int, int, str] | None:
+        """Leftmost match at or after buffer offset ``start``: (start, end, name). The
+        ``extra`` pattern (Python ``re``) is a last, lowest-priority alternative: it wins only
+        where it starts strictly before every alternative of the main pattern, which is what
+        one alternation with it placed last would do. It exists because a frequent generic
+        alternative inside the re2 alternation costs a wrapper round trip per match."""
+        found = self._search_main(start)
+        if self._extra is not None:
+            # only starts before the main match count; stop looking a match width after it
+            end = len(self._buf) if found is None else found[0] + self.reach
+            x = self._extra.search(self._buf, start, end)
+            if x is not None and (found is None or x.start() < found[0]):
+                return x.start(), x.end(), self._extra_name
+        return found
 
-        The pattern runs over windows of ``_WINDOW_CHARS`` (plus context), not the whole
-        buffer: re2's wrapper encodes its whole input on every call, and a match is decided
-        by its reach, so a window that holds the reach gives the same answer."""
+    def _search_main(self, start: int) -> tuple[int, int, str] | None:
+        base = self._base
+        cached = self._main
+        if cached is not None and cached[0] <= base + start and (cached[1] is None or base + start <= cached[1][0]):
+            hit = cached[1]
+            return None if hit is None else (hit[0] - base, hit[1] - base, hit[2])
+        found = self._search_uncached(start)
+        self._main = (base + start, None if found is None else (base + found[0], base + found[1], found[2]))
+        return found
+
+    def _search_uncached(self, start: int) -> tuple[int, int, str] | None:
         buf = self._buf
         n = len(buf)
-        start = self._pos - self._base
+        pat = self._pattern
+        if self._bytes is None:
+            self._ascii = buf.isascii()
+            self._bytes = buf.encode("ascii") if self._ascii else b""
+        if self._ascii:
+            m = pat.raw.search(self._bytes, start)
+            return None if m is None else (m.start(), m.end(), pat.name(m))
+        # Non-ASCII: the wrapper encodes its whole input per call, so search bounded windows;
+        # a match is decided by its reach, so a window that holds the reach gives the same
+        # answer as the whole buffer.
         reach = self.reach
         while True:
-            if self._trigger is not None:
-                t = self._trigger.search(buf, start)
-                if t is None:
-                    break  # no character that every match needs: nothing can match here
-                start = max(start, t.start() - _TRIGGER_BACK_CHARS)
             wend = min(n, start + _WINDOW_CHARS)
-            sub_start = max(0, start - self._context)
-            m = self._pattern.search(buf[sub_start:wend], start - sub_start)
+            m = pat.text.search(buf[start:wend])
             if m is None:
                 if wend == n:
-                    break
+                    return None
                 start = wend - reach + 1  # positions whose reach fits the window are decided
                 continue
-            s = sub_start + m.start()
+            s = start + m.start()
             if wend < n and s + reach > wend:
                 start = s  # decide this one in a window that holds its whole reach
                 continue
-            if final or s + reach <= n:
-                return self._base + sub_start, m
-            break  # the first match is still pending
+            return s, start + m.end(), pat.name(m)
+
+    def next_match(self, final: bool) -> tuple[int, ScanMatch] | None:
+        """The next settled match at or after the scan position, with the absolute offset of
+        its ``string`` (add it to ``m.start()``), or ``None`` when nothing more is settled."""
+        buf = self._buf
+        start = self._pos - self._base
+        found = None
+        if self._trigger is not None:
+            t = self._trigger.search(buf, start)
+            if t is not None:  # else no character that every match needs: nothing to find
+                found = self._search(max(start, t.start() - _TRIGGER_BACK_CHARS))
+        else:
+            found = self._search(start)
+        if found is not None and (final or found[0] + self.reach <= len(buf)):
+            return self._base, ScanMatch(buf, *found)
         # Positions whose whole reach has arrived and held no match are decided.
         if not final:
-            self.advance(self.end - reach + 1)
+            self.advance(self.end - self.reach + 1)
         return None
 
     def advance(self, pos: int) -> None:
@@ -244,11 +339,13 @@ class BoundedScanner:
         keep_from = self._pos - self._context - self._base
         if keep_from > 0 and 2 * keep_from >= len(self._buf):
             self._buf = self._buf[keep_from:]
+            self._bytes = None
             self._base += keep_from
 
     def clear(self) -> None:
-        self._buf = ""
         self._base = self.end
+        self._buf = ""
+        self._bytes = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +364,7 @@ _IBAN = r"(?P<iban>[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?)"
 _ES_ID = r"(?P<es_id>(?:\d{8}|[XYZ]\d{7})-?[A-Z])"
 _IT_CF = r"(?P<it_cf>[A-Z]{6}[0-9LMNPQRSTUV]{2}[A-Z][0-9LMNPQRSTUV]{2}[A-Z][0-9LMNPQRSTUV]{3}[A-Z])"
 _IPV4 = r"(?P<ipv4>(?:\d{1,3}\.){3}\d{1,3})"
-_IPV6 = r"(?P<ipv6>(?:[0-9A-Fa-f]{1,4}:|::?)(?:[0-9A-Fa-f]{0,4}:){1,7}[0-9A-Fa-f]{0,4})"
+_IPV6 = r"(?P<ipv6>(?:[0-9A-Fa-f]{1,4}:|::?)(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4})"
 # Shapes that look numeric but are never PII: consumed first so no numeric validator sees
 # them. ISO dates/times, d/m/y dates, dotted versions with a 'v' (``v1.2.3``) or >= 4 dots.
 _NOT_PII = (
@@ -281,10 +378,16 @@ _NOT_PII = (
 _SEP = r"(?:[ .\-/]|\) ?| ?\(|\)[\-.]|[\-.]\()"
 _EXT = r"(?: ?(?:x|ext\.?|extension) ?\d{1,6})?"
 # Digit groups: phones, cards, SSNs, numeric national ids. Validators pick a window of groups.
-_NUMBER = r"(?P<number>(?:\+|\()?\d{1,19}(?:" + _SEP + r"\d{1,12}){0,6}\)?" + _EXT + ")"
+# At least 6 digits in the first group or at least two groups: "2024", "5 days" never match.
+_NUMBER = (
+    r"(?P<number>(?:\+|\()?(?:\d{6,19}(?:" + _SEP + r"\d{1,12}){0,6}|\d{1,5}(?:" + _SEP + r"\d{1,12}){1,6})"
+    r"\)?" + _EXT + ")"
+)
 
-# Every PII match contains a digit or an "@" (all-letter IPv6 or codice fiscale forms are the
-# accepted misses): the scanner skips tails without one.
+# Every PII match contains a digit or an "@" within its first _TRIGGER_BACK_CHARS characters
+# (all-letter IPv6 and codice fiscale forms are the accepted misses): tails without one are
+# skipped without running the alternation. (A sharper trigger, e.g. "six digits or two digit
+# groups", costs more in Python's ``re`` than the re2 search it saves.)
 _TRIGGER = re.compile(r"[0-9@]")
 _WORD_CHAR = re.compile(r"\w")
 
@@ -358,15 +461,14 @@ _ALTERNATIVES: tuple[tuple[str, tuple[PiiKind, ...]], ...] = (
 
 
 @cache
-def _compile(kinds: frozenset[str]) -> tuple[Pattern, int]:
+def _compile(kinds: frozenset[str]) -> Alternation:
     """The combined pattern and its reach for a set of enabled kinds (cached: configs with
     the same kinds share one compiled table)."""
     parts = [p for p, ks in _ALTERNATIVES if not ks or kinds.intersection(ks)]
     if "address" in kinds:
         # Before numbers, so "1600 Pennsylvania Avenue" is not read as digit groups first.
         parts.insert(len(parts) - 1, _address_pattern())
-    source = "|".join(parts)
-    return re2.compile(source), pattern_reach(source)
+    return Alternation("|".join(parts))
 
 
 # --------------------------------------------------------------------------------------------
@@ -878,7 +980,7 @@ class _PiiChannel(ChannelState):
         self._detector = detector
         self._prepared = prepared
         self._channel = channel
-        self._scanner = BoundedScanner(detector.pattern, detector.reach, _TRIGGER)
+        self._scanner = BoundedScanner(detector.pattern, detector.trigger)
         self._done = False
 
     def feed(self, text: str) -> list[Finding]:
@@ -922,7 +1024,9 @@ class PiiDetector(Detector):
     def __init__(self, config: PiiConfig) -> None:
         super().__init__(config)
         self.kinds = frozenset(config.kinds)
-        self.pattern, self.reach = _compile(self.kinds)
+        self.pattern = _compile(self.kinds)
+        self.trigger = _TRIGGER
+        self.reach = self.pattern.reach
         self.validators = _Validators(config)
         merged = {**DEFAULT_SEVERITY, **config.severity}
         self.severity = {k: Severity[v] for k, v in merged.items()}
@@ -960,7 +1064,7 @@ class PiiDetector(Detector):
     def scan_text(self, text: str) -> Iterator[tuple[str, int, int]]:
         """(kind, start, end) of every value in a whole text, ignoring the request check:
         used by offline evaluation and by tests."""
-        scanner = BoundedScanner(self.pattern, self.reach, _TRIGGER)
+        scanner = BoundedScanner(self.pattern, self.trigger)
         scanner.append(text)
         while (found := scanner.next_match(True)) is not None:
             base, m = found

@@ -74,7 +74,6 @@ from functools import cache
 from typing import Any, ClassVar, Literal
 
 import orjson
-import re2
 from pydantic import Field
 
 from detectors.base import (
@@ -87,7 +86,7 @@ from detectors.base import (
     Severity,
     StreamEnd,
 )
-from detectors.pii import BoundedScanner, Match, Pattern, pattern_reach
+from detectors.pii import Alternation, BoundedScanner, Match
 from detectors.redaction import mask, placeholder
 
 SeverityName = Literal["low", "medium", "high", "critical"]
@@ -135,8 +134,13 @@ _ALTERNATIVES: tuple[tuple[str, str], ...] = (
     ("db_url",
      r"(?i:postgres(?:ql)?|mysql|mariadb|mongodb(?:\+srv)?|rediss?|amqps?|mssql|sqlserver|"
      r"jdbc:[a-z]{2,10}|https?|ftp)://[^\s:/@'\"<>]{0,48}:[^\s/@'\"<>]{1,64}@[A-Za-z0-9_.\-\[]"),
-    ("entropy", r"[A-Za-z0-9+/_\-]{16,129}={0,2}"),
 )
+# The entropy candidate is searched with Python ``re`` as the last alternative (see
+# BoundedScanner): inside the re2 alternation every long word would cost a wrapper round trip.
+_ENTROPY = re.compile(r"[A-Za-z0-9+/_\-]{16,129}={0,2}")
+# Every match holds a run of 16 token characters, a PEM dash line or "://" within its first
+# 70 characters: tails without one (most prose) are skipped without searching.
+_TRIGGER = re.compile(r"[A-Za-z0-9+/_\-]{16}|-----BEGIN|://")
 
 _CATEGORY = {
     "aws_key": "aws_access_key",
@@ -208,9 +212,8 @@ _BOUNDS: dict[str, tuple[re.Pattern[str], re.Pattern[str] | None]] = {
 
 
 @cache
-def _compile() -> tuple[Pattern, int]:
-    source = "|".join(f"(?P<{name}>{body})" for name, body in _ALTERNATIVES)
-    return re2.compile(source), pattern_reach(source)
+def _compile() -> Alternation:
+    return Alternation("|".join(f"(?P<{name}>{body})" for name, body in _ALTERNATIVES))
 
 
 def _bounded(m: Match) -> bool:
@@ -543,7 +546,8 @@ class _SecretsChannel(ChannelState):
         self._detector = detector
         self._prepared = prepared
         self._channel = channel
-        self._scanner = BoundedScanner(detector.pattern, detector.reach, context=CONTEXT_CHARS)
+        self._scanner = BoundedScanner(detector.pattern, _TRIGGER, context=CONTEXT_CHARS, extra=_ENTROPY,
+                                       extra_name="entropy")
         self._run: _Run | None = None
         self._aws_key_end = -(10**9)  # absolute end of the last AWS access key id
         self._done = False
@@ -606,7 +610,8 @@ class SecretsDetector(Detector):
 
     def __init__(self, config: SecretsConfig) -> None:
         super().__init__(config)
-        self.pattern, self.reach = _compile()
+        self.pattern = _compile()
+        self.reach = self.pattern.reach
         self.piece_chars = self.reach
         self.validators = _Validators(config)
         merged = {**DEFAULT_SEVERITY, **config.severity}
