@@ -459,11 +459,18 @@ def run_checks(checks: Checks, text: str, tool_args: str, findings: Sequence[Map
 
 def eval_config(loaded: LoadedConfig, enforce: bool = False) -> LoadedConfig:
     """The config for an evaluation: shadow mode (unless enforcing), transparency everywhere,
-    no incident sinks, no capture."""
+    and nothing sent to the production side channels (incident sinks, span export, traffic
+    capture): the report is the evaluation's output."""
     cfg = loaded.config
     policies = {n: (p if enforce else p.model_copy(update={"shadow": True})) for n, p in cfg.policies.items()}
     incidents = cfg.incidents.model_copy(update={"sinks": []})
-    cfg = cfg.model_copy(update={"policies": policies, "incidents": incidents})
+    tel = cfg.telemetry
+    tel_update: dict[str, Any] = {"tracing": tel.tracing.model_copy(update={"enabled": False})}
+    capture = getattr(tel, "capture", None)
+    if capture is not None and getattr(capture, "enabled", False):
+        tel_update["capture"] = capture.model_copy(update={"enabled": False})
+    cfg = cfg.model_copy(update={"policies": policies, "incidents": incidents,
+                                 "telemetry": tel.model_copy(update=tel_update)})
     detectors = dict(loaded.detectors)
     problems: list[str] = []
     for name in cfg.policies:
