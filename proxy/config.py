@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from detectors import registry
 from detectors.base import DetectorConfig, Severity
+from proxy.capture import CaptureConfig
 
 ACTIONS = ("observe", "annotate", "redact", "block", "retry")
 Action = Literal["observe", "annotate", "redact", "block", "retry"]
@@ -170,6 +171,7 @@ class TracingConfig(_Strict):
 class TelemetryConfig(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
 
 
 class AlertSinkConfig(_Strict):

@@ -289,6 +289,8 @@ class ProxyApp:
             await self._passthrough(sent, ex, upstream, url, fwd, raw_body, scope["method"])
             return
         raw_body, ctx = prepare_request(gw, ex, policy, lower, raw_body)
+        if gw.telemetry.capture is not None:
+            gw.telemetry.capture.begin(ex, ctx)  # samples; sets ex.outputs for recording
         if ex.stream:
             await self._stream(sent, ex, upstream, url, fwd, raw_body, policy, ctx)
         else:
@@ -301,6 +303,8 @@ class ProxyApp:
         """Send the request and wait for the response headers within the first-byte timeout."""
         cfg = upstream.config
         req = upstream.client.build_request(method, url, headers=fwd, content=body)
+        if ex.outputs is not None:  # a retry: record only the attempt the client gets
+            ex.outputs, ex.tool_names = {}, {}
         ex.upstream_started = ex.upstream_started or time.perf_counter()
         ex.attempts += 1
         t0 = time.perf_counter()

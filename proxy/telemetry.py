@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any
 
+from proxy.capture import CaptureSink
 from proxy.config import Config
 from proxy.exchange import Exchange
 from proxy.incidents import IncidentLog
@@ -39,6 +40,8 @@ class Telemetry:
         self._metrics_on = config.telemetry.metrics.enabled
         self._category = BoundedLabel()
         self._logged: set[str] = set()
+        cap = config.telemetry.capture
+        self.capture = CaptureSink(cap, metrics) if cap.enabled else None
         if self._metrics_on:
             self._initialise_series()
 
@@ -57,6 +60,7 @@ class Telemetry:
         for alert_sink in {s.type for s in self.config.alerts.sinks}:
             m.alert_sink_failures.labels(alert_sink)
         m.telemetry_errors.labels("tracing")
+        m.telemetry_errors.labels("capture")
 
     def use_tracing(self, tracing: Tracing) -> None:
         """Swap the span builder (tests and benchmarks install an in-memory exporter)."""
@@ -66,8 +70,12 @@ class Telemetry:
 
     def start(self) -> None:
         self.incidents.start()
+        if self.capture is not None:
+            self.capture.start()
 
     async def stop(self) -> None:
+        if self.capture is not None:
+            await self.capture.stop()
         await self.incidents.stop()
         self.tracing.shutdown()
         self.metrics.close()
@@ -92,6 +100,8 @@ class Telemetry:
             except Exception as exc:  # noqa: BLE001 - tracing must never fail a request
                 self._telemetry_error("tracing", exc)
         self._incidents(ex)
+        if self.capture is not None:
+            self.capture.record(ex)
 
     def _telemetry_error(self, component: str, exc: Exception) -> None:
         self.metrics.telemetry_errors.labels(component).inc()
