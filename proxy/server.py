@@ -543,6 +543,7 @@ class ProxyApp:
                         else:
                             await sent.body(held_or_send, more=True)
             tail, clean = relay.on_eof()
+            ex.upstream_ended = time.perf_counter()
         except UpstreamError as err:
             # mid-stream failure: finish detectors as truncated, end with an error event
             ex.truncated = True
