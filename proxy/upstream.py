@@ -8,6 +8,7 @@ separate knob.
 
 from __future__ import annotations
 
+import http.cookiejar
 import logging
 import os
 from dataclasses import dataclass
@@ -55,8 +56,11 @@ class Upstream:
                               max_keepalive_connections=config.max_connections, keepalive_expiry=30)
         timeout = httpx.Timeout(connect=config.connect_timeout_seconds, read=None, write=30.0, pool=10.0)
         transport = httpx.AsyncHTTPTransport(limits=limits, retries=config.connect_retries)
+        # one client serves every tenant: it must never store an upstream's Set-Cookie and send
+        # it on someone else's request, so its cookie jar accepts nothing
+        jar = http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         client = httpx.AsyncClient(transport=transport, timeout=timeout, follow_redirects=False,
-                                   trust_env=False)
+                                   trust_env=False, cookies=jar)
         key = os.environ.get(config.api_key_env) if config.api_key_env else None
         _install_log_filter()
         return cls(name=name, config=config, client=client, api_key=key)
