@@ -575,6 +575,8 @@ class ProxyApp:
             await sent.body(bytes(held) + tail, more=False)
         else:
             await sent.body(tail, more=False)
+        if relay.done and not relay.blocked and clean:
+            await _drain(it)
         return False
 
     async def _models(self, sent: _SendGuard, ex: Exchange, client_auth: str | None) -> None:
@@ -635,6 +637,22 @@ def prepare_request(gw: Gateway, ex: Exchange, policy: Policy, headers: dict[str
             if entry.name == "cross_tenant":
                 gw.state.fingerprints.add(ex.tenant, det.fingerprints_for_request(ctx))  # type: ignore[attr-defined]
     return (orjson.dumps(body) if changed else raw_body), ctx
+
+
+async def _drain(it: Any, limit_bytes: int = 65536, timeout_seconds: float = 0.5) -> None:
+    """After [DONE] (the client already has everything), read what is left of the upstream
+    body — normally just the chunked terminator — so the connection returns to the pool
+    instead of being closed: otherwise every stream costs a new upstream connection (and
+    with a real provider, a TLS handshake)."""
+    got = 0
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            async for chunk in it:
+                got += len(chunk)
+                if got > limit_bytes:
+                    return
+    except (TimeoutError, httpx.HTTPError):
+        return
 
 
 def _parse_json_body(raw: bytes, endpoint: str) -> dict[str, Any]:

@@ -179,3 +179,15 @@ async def test_client_disconnect_cancels_upstream(start_proxy):
             break
         await asyncio.sleep(0.01)
     assert p.gateway.in_flight == 0
+
+
+def test_streams_reuse_the_upstream_connection(start_proxy):
+    """After [DONE] the rest of the upstream body is drained so the connection is pooled."""
+    p = start_proxy()
+    client = p.client()
+    for _ in range(5):
+        for _chunk in client.chat.completions.create(model="sim-echo", stream=True,
+                                                      messages=[{"role": "user", "content": "pooled"}]):
+            pass
+    pool = p.gateway.upstreams["sim"].client._transport._pool
+    assert 1 <= len(pool.connections) <= 2  # not one per stream
