@@ -112,8 +112,6 @@ CONTEXT_CHARS = 40
 _KEYWORD_WINDOW = 32
 # Longest lookahead used by any pattern here, e.g. ``(?!\.\d)``: counted into the reach.
 _LOOKAHEAD_CHARS = 2
-# Pattern search window (see BoundedScanner.next_match); must exceed any reach.
-_WINDOW_CHARS = 2048
 # A match starts at most this far before the first trigger character it contains (an email's
 # local part is <= 64 characters before its "@").
 _TRIGGER_BACK_CHARS = 70
@@ -162,18 +160,19 @@ _NAMED_GROUP = re.compile(r"\(\?P<(\w+)>")
 
 
 class Alternation:
-    """Named alternatives ``(?P<name>...)|...`` compiled with re2, once over ``str`` and once
-    over ``bytes``: an ASCII buffer (the usual case) is searched as bytes, which skips the
-    wrapper's per-call UTF-8 encoding and offset mapping; other buffers are searched as
-    ``str`` in bounded windows. ``reach`` is ``pattern_reach`` of the source."""
+    """Named alternatives ``(?P<name>...)|...`` compiled with re2 over ``bytes``: the scanner
+    hands it the buffer as one byte per character, which skips the wrapper's per-call UTF-8
+    encoding and offset mapping of ``str`` input (the cost of every call would otherwise
+    grow with the buffer). ``reach`` is ``pattern_reach`` of the source."""
 
-    __slots__ = ("names", "raw", "reach", "text")
+    __slots__ = ("names", "raw", "reach")
 
     def __init__(self, source: str) -> None:
-        self.text = re2.compile(source)
+        if not source.isascii():
+            raise ValueError("alternatives must be ASCII (the scanner searches ASCII bytes)")
         self.raw = re2.compile(source.encode())
         self.names = tuple(_NAMED_GROUP.findall(source))
-        if self.text.groups != len(self.names):
+        if self.raw.groups != len(self.names):
             raise ValueError("alternatives must not hold unnamed capturing groups")
         self.reach = pattern_reach(source)
 
@@ -200,6 +199,46 @@ def pattern_reach(source: str) -> int:
     return width + _LOOKAHEAD_CHARS
 
 
+class Extra:
+    """An alternative searched with Python's ``re`` beside the re2 alternation, for what a
+    DFA handles badly: a generic pattern that matches very often (every long token: each
+    match costs a wrapper round trip) or one whose counted repetitions blow up the DFA's
+    states (an email's 64-character local part over base64 text). ``anchor`` is a literal
+    every match contains at most ``back`` characters after its start (``@`` for emails):
+    the pattern then only runs around the anchors. ``first``: wins a tie with the main
+    alternation at the same start (as if placed first), else loses it (placed last)."""
+
+    __slots__ = ("anchor", "back", "first", "name", "pattern", "reach")
+
+    def __init__(self, name: str, source: str, first: bool, anchor: str = "", back: int = 0) -> None:
+        self.name = name
+        self.pattern = re.compile(source)
+        self.first = first
+        self.anchor = anchor
+        self.back = back
+        self.reach = pattern_reach(source)
+
+    def search(self, buf: str, start: int, limit: int) -> tuple[int, int, str] | None:
+        """Leftmost match starting in ``[start, limit]``."""
+        width = self.reach
+        if not self.anchor:
+            m = self.pattern.search(buf, start, min(len(buf), limit + width))
+            return None if m is None or m.start() > limit else (m.start(), m.end(), self.name)
+        stop = limit + self.back + 1  # an anchor past this belongs to a match starting past limit
+        a = buf.find(self.anchor, start, stop)
+        lo = start
+        while a != -1:
+            # a match holding this anchor starts within ``back`` before it and ends within a
+            # reach after its start; the leftmost match in that window holds this anchor or
+            # none does (it cannot span an earlier anchor: the pattern excludes it there)
+            m = self.pattern.search(buf, max(lo, a - self.back), min(len(buf), a + width))
+            if m is not None and m.start() <= a < m.end():
+                return None if m.start() > limit else (m.start(), m.end(), self.name)
+            lo = a + 1
+            a = buf.find(self.anchor, a + 1, stop)
+        return None
+
+
 class BoundedScanner:
     """Settled matches of a bounded pattern in a growing text.
 
@@ -219,24 +258,21 @@ class BoundedScanner:
     without running the pattern.
     """
 
-    __slots__ = ("_ascii", "_base", "_buf", "_bytes", "_context", "_extra", "_extra_name", "_main", "_pattern",
-                 "_pos", "_trigger", "reach")
+    __slots__ = ("_base", "_buf", "_bytes", "_context", "_extras", "_main", "_pattern", "_pos", "_trigger",
+                 "reach")
 
     def __init__(self, pattern: Alternation, trigger: re.Pattern[str] | None = None,
-                 context: int = CONTEXT_CHARS, extra: re.Pattern[str] | None = None,
-                 extra_name: str = "") -> None:
+                 context: int = CONTEXT_CHARS, extras: tuple[Extra, ...] = ()) -> None:
         self._pattern = pattern
         self._trigger = trigger
-        self._extra = extra
-        self._extra_name = extra_name
-        self.reach = max(pattern.reach, pattern_reach(extra.pattern) if extra is not None else 0)
+        self._extras = extras
+        self.reach = max((pattern.reach, *(x.reach for x in extras)))
         self._context = context
         self._buf = ""
-        self._bytes: bytes | None = None  # ASCII buffer as bytes, built on demand
+        self._bytes: bytes | None = None  # the buffer as one byte per character, on demand
         # last main-pattern search: (absolute start searched from, absolute (s, e, name) or None);
         # still the answer for later starts up to its match while no text is appended
         self._main: tuple[int, tuple[int, int, str] | None] | None = None
-        self._ascii = True
         self._base = 0  # absolute offset of _buf[0]
         self._pos = 0  # absolute scan position: everything before it is decided
 
@@ -259,18 +295,17 @@ class BoundedScanner:
         return self._buf[start - self._base : end - self._base]
 
     def _search(self, start: int) -> tuple[int, int, str] | None:
-        """Leftmost match at or after buffer offset ``start``: (start, end, name). The
-        ``extra`` pattern (Python ``re``) is a last, lowest-priority alternative: it wins only
-        where it starts strictly before every alternative of the main pattern, which is what
-        one alternation with it placed last would do. It exists because a frequent generic
-        alternative inside the re2 alternation costs a wrapper round trip per match."""
+        """Leftmost match at or after buffer offset ``start``, of the main alternation or of
+        an extra alternative, as one alternation holding them all would find it:
+        (start, end, name)."""
         found = self._search_main(start)
-        if self._extra is not None:
-            # only starts before the main match count; stop looking a match width after it
-            end = len(self._buf) if found is None else found[0] + self.reach
-            x = self._extra.search(self._buf, start, end)
-            if x is not None and (found is None or x.start() < found[0]):
-                return x.start(), x.end(), self._extra_name
+        buf = self._buf
+        for extra in self._extras:
+            # starts after the best match so far cannot win; look a reach beyond it
+            limit = len(buf) if found is None else found[0]
+            x = extra.search(buf, start, limit)
+            if x is not None and (found is None or x[0] < found[0] or (x[0] == found[0] and extra.first)):
+                found = x
         return found
 
     def _search_main(self, start: int) -> tuple[int, int, str] | None:
@@ -284,32 +319,14 @@ class BoundedScanner:
         return found
 
     def _search_uncached(self, start: int) -> tuple[int, int, str] | None:
-        buf = self._buf
-        n = len(buf)
-        pat = self._pattern
         if self._bytes is None:
-            self._ascii = buf.isascii()
-            self._bytes = buf.encode("ascii") if self._ascii else b""
-        if self._ascii:
-            m = pat.raw.search(self._bytes, start)
-            return None if m is None else (m.start(), m.end(), pat.name(m))
-        # Non-ASCII: the wrapper encodes its whole input per call, so search bounded windows;
-        # a match is decided by its reach, so a window that holds the reach gives the same
-        # answer as the whole buffer.
-        reach = self.reach
-        while True:
-            wend = min(n, start + _WINDOW_CHARS)
-            m = pat.text.search(buf[start:wend])
-            if m is None:
-                if wend == n:
-                    return None
-                start = wend - reach + 1  # positions whose reach fits the window are decided
-                continue
-            s = start + m.start()
-            if wend < n and s + reach > wend:
-                start = s  # decide this one in a window that holds its whole reach
-                continue
-            return s, start + m.end(), pat.name(m)
+            # One byte per character, so offsets carry over: every non-ASCII character
+            # becomes "?". No pattern class holds "?" or any non-ASCII character except
+            # negated ones (``[^\s@]``), which accept both alike, so matches are unchanged.
+            self._bytes = self._buf.encode("ascii", "replace")
+        pat = self._pattern
+        m = pat.raw.search(self._bytes, start)
+        return None if m is None else (m.start(), m.end(), pat.name(m))
 
     def next_match(self, final: bool) -> tuple[int, ScanMatch] | None:
         """The next settled match at or after the scan position, with the absolute offset of
@@ -356,10 +373,10 @@ class BoundedScanner:
 # than ``re`` on this alternation), which has no lookaround: the boundary each kind needs (what
 # may not come right before or after a match) is checked in Python by ``_BOUNDS``, within the
 # context and lookahead allowances above.
-_EMAIL = (
-    r"(?P<email>[A-Za-z0-9][A-Za-z0-9._%+\-]{0,63}"
-    r"@[A-Za-z0-9](?:[A-Za-z0-9\-.]{0,62})\.[A-Za-z]{2,18})"
-)
+# Email runs beside the alternation (see Extra), around each "@": its 64-character local part
+# would multiply the DFA's states and make re2 crawl over base64 text.
+EMAIL = Extra("email", r"[A-Za-z0-9][A-Za-z0-9._%+\-]{0,63}@[A-Za-z0-9][A-Za-z0-9\-.]{0,62}\.[A-Za-z]{2,18}",
+              first=True, anchor="@", back=64)
 _IBAN = r"(?P<iban>[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?)"
 _ES_ID = r"(?P<es_id>(?:\d{8}|[XYZ]\d{7})-?[A-Z])"
 _IT_CF = r"(?P<it_cf>[A-Z]{6}[0-9LMNPQRSTUV]{2}[A-Z][0-9LMNPQRSTUV]{2}[A-Z][0-9LMNPQRSTUV]{3}[A-Z])"
@@ -389,18 +406,16 @@ _NUMBER = (
 # skipped without running the alternation. (A sharper trigger, e.g. "six digits or two digit
 # groups", costs more in Python's ``re`` than the re2 search it saves.)
 _TRIGGER = re.compile(r"[0-9@]")
-_WORD_CHAR = re.compile(r"\w")
+_TOKEN_RUN = re.compile(r"[\w+/=\-]*")
 
 
 def skip_word(text: str, start: int) -> int:
-    """The first position after ``start`` that does not follow a word character: where the
-    next match attempt can begin when a match glued to a word was rejected. Reaching the end
-    of the buffer is fine: every later start inside the same word would be rejected too."""
-    p = start + 1
-    n = len(text)
-    while p < n and _WORD_CHAR.match(text, p - 1):
-        p += 1
-    return p
+    """Where the next match attempt begins after a match glued to a longer token was
+    rejected: past the run of word characters (and ``+/=-``, so a base64 blob is one run) it
+    started in. Every start inside the run would be rejected the same way, so skipping it
+    changes no result and keeps a blob from costing one search per embedded digit run.
+    Reaching the end of the buffer is fine for the same reason."""
+    return max(start + 1, _TOKEN_RUN.match(text, start).end())
 
 # group -> (characters that may not precede the match, text that may not follow it)
 _BOUNDS: dict[str, tuple[re.Pattern[str], re.Pattern[str]]] = {
@@ -442,14 +457,13 @@ def _suffix_alternation() -> str:
 def _address_pattern() -> str:
     return (
         r"(?P<address>\d{1,6}[A-Z]? (?:[NSEW]\.? |North |South |East |West )?"
-        r"(?:[A-Z][a-z'’]{1,20} ){1,3}(?:" + _suffix_alternation() + r")\.?"
+        r"(?:[A-Z][a-z']{1,20} ){1,3}(?:" + _suffix_alternation() + r")\.?"
         r"(?:,? (?:Apt\.?|Apartment|Suite|Ste\.?|Unit|#) ?[A-Za-z0-9\-]{1,6})?)"
     )
 
 
 # Order matters at equal start positions: the first alternative that matches wins.
 _ALTERNATIVES: tuple[tuple[str, tuple[PiiKind, ...]], ...] = (
-    (_EMAIL, ("email",)),
     (_IBAN, ("iban",)),
     (_ES_ID, ("national_id",)),
     (_IT_CF, ("national_id",)),
@@ -980,7 +994,7 @@ class _PiiChannel(ChannelState):
         self._detector = detector
         self._prepared = prepared
         self._channel = channel
-        self._scanner = BoundedScanner(detector.pattern, detector.trigger)
+        self._scanner = BoundedScanner(detector.pattern, _TRIGGER, extras=detector.extras)
         self._done = False
 
     def feed(self, text: str) -> list[Finding]:
@@ -1025,8 +1039,8 @@ class PiiDetector(Detector):
         super().__init__(config)
         self.kinds = frozenset(config.kinds)
         self.pattern = _compile(self.kinds)
-        self.trigger = _TRIGGER
-        self.reach = self.pattern.reach
+        self.extras = (EMAIL,) if "email" in self.kinds else ()
+        self.reach = max((self.pattern.reach, *(x.reach for x in self.extras)))
         self.validators = _Validators(config)
         merged = {**DEFAULT_SEVERITY, **config.severity}
         self.severity = {k: Severity[v] for k, v in merged.items()}
@@ -1064,7 +1078,7 @@ class PiiDetector(Detector):
     def scan_text(self, text: str) -> Iterator[tuple[str, int, int]]:
         """(kind, start, end) of every value in a whole text, ignoring the request check:
         used by offline evaluation and by tests."""
-        scanner = BoundedScanner(self.pattern, self.trigger)
+        scanner = BoundedScanner(self.pattern, _TRIGGER, extras=self.extras)
         scanner.append(text)
         while (found := scanner.next_match(True)) is not None:
             base, m = found

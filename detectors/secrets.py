@@ -86,7 +86,7 @@ from detectors.base import (
     Severity,
     StreamEnd,
 )
-from detectors.pii import Alternation, BoundedScanner, Match
+from detectors.pii import Alternation, BoundedScanner, Extra, Match
 from detectors.redaction import mask, placeholder
 
 SeverityName = Literal["low", "medium", "high", "critical"]
@@ -137,7 +137,7 @@ _ALTERNATIVES: tuple[tuple[str, str], ...] = (
 )
 # The entropy candidate is searched with Python ``re`` as the last alternative (see
 # BoundedScanner): inside the re2 alternation every long word would cost a wrapper round trip.
-_ENTROPY = re.compile(r"[A-Za-z0-9+/_\-]{16,129}={0,2}")
+_ENTROPY = Extra("entropy", r"[A-Za-z0-9+/_\-]{16,129}={0,2}", first=False)
 # Every match holds a run of 16 token characters, a PEM dash line or "://" within its first
 # 70 characters: tails without one (most prose) are skipped without searching.
 _TRIGGER = re.compile(r"[A-Za-z0-9+/_\-]{16}|-----BEGIN|://")
@@ -546,8 +546,7 @@ class _SecretsChannel(ChannelState):
         self._detector = detector
         self._prepared = prepared
         self._channel = channel
-        self._scanner = BoundedScanner(detector.pattern, _TRIGGER, context=CONTEXT_CHARS, extra=_ENTROPY,
-                                       extra_name="entropy")
+        self._scanner = BoundedScanner(detector.pattern, _TRIGGER, context=CONTEXT_CHARS, extras=(_ENTROPY,))
         self._run: _Run | None = None
         self._aws_key_end = -(10**9)  # absolute end of the last AWS access key id
         self._done = False
@@ -611,7 +610,7 @@ class SecretsDetector(Detector):
     def __init__(self, config: SecretsConfig) -> None:
         super().__init__(config)
         self.pattern = _compile()
-        self.reach = self.pattern.reach
+        self.reach = max(self.pattern.reach, _ENTROPY.reach)
         self.piece_chars = self.reach
         self.validators = _Validators(config)
         merged = {**DEFAULT_SEVERITY, **config.severity}

@@ -22,9 +22,10 @@ from detectors.base import TEXT, Detector, Message, RequestContext, StreamEnd
 from detectors.pii import PiiConfig
 from detectors.secrets import SecretsConfig
 
-WORDS = ("the blender runs quietly and customers report that delivery improved after the firmware "
-         "update while support answered questions within a day and the warranty covers parts for two "
-         "years so we recommend it for small kitchens").split()
+SENTENCE = ("the blender runs quietly and customers report that delivery improved after the firmware "
+            "update while support answered questions within a day and the warranty covers parts for two "
+            "years so we recommend it for small kitchens")
+WORDS = SENTENCE.split(" ")
 
 
 def prose(kb: int = 20, seed: int = 1) -> str:
@@ -48,9 +49,11 @@ def technical(kb: int = 20, seed: int = 2) -> str:
         lines.append(rng.choice([
             f"2024-05-{rng.randint(10, 28)}T12:{rng.randint(10, 59)}:07Z INFO request_id={u} status=200 "
             f"latency_ms={rng.randint(1, 900)} path=/api/v2/orders/{rng.randint(1000, 99999)}\n",
-            f'{{"id": "{u}", "commit": "{h}", "version": "v{rng.randint(1, 9)}.{rng.randint(0, 30)}.{rng.randint(0, 9)}",'
+            f'{{"id": "{u}", "commit": "{h}", '
+            f'"version": "v{rng.randint(1, 9)}.{rng.randint(0, 30)}.{rng.randint(0, 9)}",'
             f' "items": [{rng.randint(1, 99)}, {rng.randint(100, 999)}]}}\n',
-            f"    def handle_{rng.choice(WORDS)}(self, ctx: RequestContext) -> list[Finding]:  # see https://docs.example.com/x\n",
+            f"    def handle_{rng.choice(WORDS)}(self, ctx: RequestContext) -> list[Finding]:"
+            "  # see https://docs.example.com/x\n",
             f"ERROR at /usr/local/lib/python3.11/site-packages/app/{rng.choice(WORDS)}.py:{rng.randint(1, 999)}\n",
         ]))
     return "".join(lines)
@@ -104,7 +107,8 @@ def main() -> dict[str, float]:
                             rounds=3 if cname == "eval set" else 5)
                 us = sec * 1e6 / kb
                 row.append(us)
-                headline[f"leakage.{cname.replace(' ', '_')}.{name}.{'whole' if not chunk else 'chunk20'}_us_per_kb"] = us
+                mode = "whole" if not chunk else "chunk20"
+                headline[f"leakage.{cname.replace(' ', '_')}.{name}.{mode}_us_per_kb"] = us
             label = "whole" if not chunk else "20 chars"
             print(f"{cname:10s} {kb:6.0f} {label:>7s} " + " ".join(f"{v:9.0f}" for v in row))
     # ignore_if_in_request: the normalised request is built once, on the first candidate

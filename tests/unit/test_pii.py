@@ -164,7 +164,16 @@ REALISTIC = [
     ' "version": "v1.2.3.4", "build": "2024-01-15T10:30:00Z", "sha": "9fceb02d0ae598e95dc970b74767f19372d61af8"}}',
     "Ship to 742 Evergreen Terrace Apt. 2, Springfield. Call 1-800-555-0199 ext. 42 or mail "
     "a.b@sub.example.org.",
+    "Grüße aus Köln 🌧️ — Frau Müller (mueller@example.de, +49 221 1234567) zahlt per Karte "
+    "5555 5555 5555 4444; 订单号 2024-01-15 已确认, Привет 81.2.69.160 «DE89370400440532013000».",
 ]
+
+
+def test_offsets_are_characters_in_non_ascii_text() -> None:
+    text = REALISTIC[-1]
+    got = found(text)
+    assert ("email", "mueller@example.de") in got and ("card", "5555 5555 5555 4444") in got
+    assert ("iban", "DE89370400440532013000") in got and ("ip", "81.2.69.160") in got
 
 
 @pytest.mark.parametrize("text", REALISTIC)

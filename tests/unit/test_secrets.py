@@ -202,6 +202,7 @@ REALISTIC = [
     f'{{"headers": {{"Authorization": "Bearer {JWT}"}}, "stripe": "{STRIPE_LIVE}", '
     '"id": "123e4567-e89b-12d3-a456-426614174000"}',
     f"Key material:\n{PEM}\nand the webhook {HOOK} plus {OPENAI_PROJ}.",
+    f"Schlüssel für Zürich 🔑: «{GH}» — токен {SLACK}, 密钥 {STRIPE_LIVE}.",
     f"{ANTHROPIC} {GOOGLE} AccountKey={AZURE_KEY}; api_key='q8Zr4LmT2vXy9KpW3sNb7HcD' "
     "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk",
 ]
