@@ -8,11 +8,14 @@ Kinds (each switchable with ``kinds``; severities overridable with ``severity``)
 
 - ``email``: RFC-shaped address; local part <= 64 chars, domain <= 82 chars (longer ones are
   not detected, so the hold-back window stays short).
-- ``phone``: digit groups parsed with ``phonenumbers`` and kept only when
-  ``is_valid_number`` says so, trying ``+``/``00`` international forms first and then each
-  region in ``phone_regions``. An unformatted digit run (no separator, no ``+``) also needs a
-  phone word (call, tel, mobile...) shortly before it, because bare digits are valid phone
-  numbers in some numbering plan far too often (order numbers, timestamps).
+- ``phone``: digit groups (at least six digits in a row, or two groups) parsed with
+  ``phonenumbers`` and kept only when ``is_valid_number`` says so: ``+`` numbers as they
+  are, others in the first region of ``phone_regions`` that accepts them, and only when
+  written the way that plan writes them (its national form with trunk prefix, or country code
+  + number after 00/011; without the trunk prefix only after a phone word). An unformatted
+  digit run (no separator, no ``+``, no parentheses) also needs a phone word (call, tel,
+  mobile...) shortly before it: bare digits are valid in some numbering plan far too often
+  (order numbers, timestamps). Extensions (``x123``, ``ext. 42``) stay inside the span.
 - ``card``: 13-19 digits, compact or grouped with one consistent separator (space or dash) in
   the groupings card issuers print, a known IIN prefix/length pair, and ``stdnum.luhn``.
 - ``iban``: ``stdnum.iban`` (country length, format and mod-97), with or without spaces.
@@ -25,11 +28,14 @@ Kinds (each switchable with ``kinds``; severities overridable with ``severity``)
   "Aadhaar"), ``de_idnr`` (Steuer-ID; only after a Steuer-ID/IdNr word, since 11 bare digits
   with a mod 11,10 check pass one time in ten).
 - ``ip``: IPv4/IPv6 validated by ``ipaddress``. Never flagged: loopback, unspecified,
-  link-local, multicast and reserved addresses; an IPv4 written right after a letter or dot
-  (``v1.2.3.4``) or followed by ``.digit`` (part of a longer dotted version); an IPv4 whose
-  four octets are single digits (``1.2.3.4``, ``8.8.8.8``: version strings and public
-  resolvers, not people). ``ip_ignore_private`` (default on) also skips RFC 1918/ULA and the
-  documentation ranges.
+  link-local, multicast and reserved addresses (for IPv6 everything outside 2000::/3); an
+  IPv4 written right after a letter or dot (``v1.2.3.4``), followed by ``.digit`` (part of a
+  longer dotted version) or after a version word (version, release, build, firmware); an
+  IPv4 whose four octets are single digits (``1.2.3.4``, ``8.8.8.8``: version strings and
+  public resolvers, not people); IPv6 with fewer than three groups (``fe80::1``, C++'s
+  ``a::b``). ``ip_ignore_private`` (default on) also skips RFC 1918/ULA, CGNAT and the
+  documentation ranges. A dotted quad that is really a version ("see 12.13.8.3") is the
+  known false positive.
 - ``address`` (off by default): a US street address, building number + 1-3 capitalised words
   + a USPS street suffix (``detectors/data/us_street_suffixes.txt``) + optional unit.
 
@@ -44,9 +50,12 @@ letters only for numbers; national significant number for phones). The normalise
 text is built once per request, lazily on the first candidate finding, so responses without
 PII cost nothing extra.
 
-Streaming: one combined, bounded regular expression is scanned by ``BoundedScanner``, which
-reports a match only once everything that could change it has arrived. ``lookback_chars`` is
-that reach for the enabled kinds (about 150 with ``email``, about 120 without).
+Streaming: one bounded alternation (google-re2) plus the email pattern (Python ``re``, run
+only around each "@") is scanned by ``BoundedScanner``, which reports a match only once
+everything that could change it has arrived, so the same findings come out however the text
+is chunked. ``lookback_chars`` is that reach for the enabled kinds: 149 with ``email`` (its
+64 + 1 + 82 character cap, plus 2 characters after it), 124 without (digit groups), 45 for
+``iban`` alone.
 """
 
 from __future__ import annotations
@@ -110,7 +119,8 @@ NATIONAL_ID_SCHEMES: tuple[NationalIdScheme, ...] = (
 # keeps at least this much text before its scan position, so streamed and whole text agree.
 CONTEXT_CHARS = 40
 _KEYWORD_WINDOW = 32
-# Longest lookahead used by any pattern here, e.g. ``(?!\.\d)``: counted into the reach.
+# How many characters after a match the boundary checks read (e.g. "not followed by .digit"):
+# counted into the reach.
 _LOOKAHEAD_CHARS = 2
 # A match starts at most this far before the first trigger character it contains (an email's
 # local part is <= 64 characters before its "@").
@@ -192,8 +202,7 @@ def pattern_reach(source: str) -> int:
     """Longest text a match attempt of ``pattern`` can depend on after its start position:
     the maximum match width plus the lookahead allowance. Fails for unbounded patterns,
     because a pattern with no bound cannot be scanned with a bounded hold-back."""
-    # re2's Unicode classes (\p{L}) are one character wide; Python's parser lacks them
-    width = _sre_parse.parse(re.sub(r"\\[pP]\{\w+\}", "a", source)).getwidth()[1]
+    width = _sre_parse.parse(source).getwidth()[1]
     if width >= 1 << 16:
         raise ValueError(f"pattern has no bounded width: {source[:60]}...")
     return width + _LOOKAHEAD_CHARS
@@ -373,6 +382,7 @@ class BoundedScanner:
 # than ``re`` on this alternation), which has no lookaround: the boundary each kind needs (what
 # may not come right before or after a match) is checked in Python by ``_BOUNDS``, within the
 # context and lookahead allowances above.
+
 # Email runs beside the alternation (see Extra), around each "@": its 64-character local part
 # would multiply the DFA's states and make re2 crawl over base64 text.
 EMAIL = Extra("email", r"[A-Za-z0-9][A-Za-z0-9._%+\-]{0,63}@[A-Za-z0-9][A-Za-z0-9\-.]{0,62}\.[A-Za-z]{2,18}",
@@ -406,16 +416,25 @@ _NUMBER = (
 # skipped without running the alternation. (A sharper trigger, e.g. "six digits or two digit
 # groups", costs more in Python's ``re`` than the re2 search it saves.)
 _TRIGGER = re.compile(r"[0-9@]")
+_WORD_RUN = re.compile(r"\w*")
 _TOKEN_RUN = re.compile(r"[\w+/=\-]*")
+# A token run at least this long is a blob (base64, a key): skipped whole after a rejection.
+# Below the smallest reach, so a settled match always sees whether its run is a blob.
+_BLOB_CHARS = 40
 
 
 def skip_word(text: str, start: int) -> int:
     """Where the next match attempt begins after a match glued to a longer token was
-    rejected: past the run of word characters (and ``+/=-``, so a base64 blob is one run) it
-    started in. Every start inside the run would be rejected the same way, so skipping it
-    changes no result and keeps a blob from costing one search per embedded digit run.
-    Reaching the end of the buffer is fine for the same reason."""
-    return max(start + 1, _TOKEN_RUN.match(text, start).end())
+    rejected: past the word it started in (every kind needs a non-word character before it,
+    so no start inside the word could match; a word running past the buffer end is fine for
+    the same reason), but inside a blob (a run of ``_BLOB_CHARS`` or more word and ``+/=-``
+    characters: base64) ``_BLOB_CHARS`` ahead. That keeps a blob from costing one search per
+    embedded digit run, at the price of a match right after a "/" or "=" inside one. The
+    blob step is bounded so that it is the same whether the blob has fully arrived or not."""
+    if _TOKEN_RUN.match(text, start, start + _BLOB_CHARS).end() - start >= _BLOB_CHARS:
+        return start + _BLOB_CHARS
+    return max(start + 1, _WORD_RUN.match(text, start).end())
+
 
 # group -> (characters that may not precede the match, text that may not follow it)
 _BOUNDS: dict[str, tuple[re.Pattern[str], re.Pattern[str]]] = {

@@ -137,7 +137,8 @@ _ALTERNATIVES: tuple[tuple[str, str], ...] = (
 )
 # The entropy candidate is searched with Python ``re`` as the last alternative (see
 # BoundedScanner): inside the re2 alternation every long word would cost a wrapper round trip.
-_ENTROPY = Extra("entropy", r"[A-Za-z0-9+/_\-]{16,129}={0,2}", first=False)
+_ENTROPY = Extra("entropy", r"(?<![A-Za-z0-9+/_=\-])[A-Za-z0-9+/_\-]{16,129}={0,2}(?![A-Za-z0-9+/_=\-])",
+                 first=False)
 # Every match holds a run of 16 token characters, a PEM dash line or "://" within its first
 # 70 characters: tails without one (most prose) are skipped without searching.
 _TRIGGER = re.compile(r"[A-Za-z0-9+/_\-]{16}|-----BEGIN|://")
@@ -181,7 +182,6 @@ DEFAULT_SEVERITY: dict[str, SeverityName] = {
     "high_entropy": "medium",
 }
 
-_TOKEN_CHAR = re.compile(r"[A-Za-z0-9+/_=\-.]")
 _BOUNDS: dict[str, tuple[re.Pattern[str], re.Pattern[str] | None]] = {
     name: (re.compile(before), re.compile(after) if after else None)
     for name, before, after in (
@@ -206,7 +206,6 @@ _BOUNDS: dict[str, tuple[re.Pattern[str], re.Pattern[str] | None]] = {
         ("shopify", r"[A-Za-z0-9_]", r"[A-Za-z0-9_]"),
         ("digitalocean", r"[A-Za-z0-9_]", r"[A-Za-z0-9_]"),
         ("db_url", r"[A-Za-z0-9+.\-]", None),
-        ("entropy", r"[A-Za-z0-9+/_=\-]", r"[A-Za-z0-9+/_=\-]"),
     )
 }
 
@@ -228,13 +227,11 @@ def _bounded(m: Match) -> bool:
 
 
 def _skip_token(text: str, start: int) -> int:
-    """Resume position after a match glued to a longer token: the end of that token run
-    (every start inside it would be glued too). The end of the buffer is a fine answer."""
-    p = start + 1
-    n = len(text)
-    while p < n and _TOKEN_CHAR.match(text, p - 1):
-        p += 1
-    return p
+    """Resume position after a provider match glued to a longer token: the next character,
+    as a lookbehind would (the boundary classes differ per format, so no longer skip is
+    exact). Provider candidates need literal prefixes, so this is rare; the entropy
+    candidate has real lookarounds and is never rejected this way."""
+    return start + 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,8 +255,9 @@ _WORDY = re.compile(r"[a-z]{5,}|[A-Z][a-z]{4,}|[A-Z]{5,}")
 _PATH_SEGMENT = re.compile(r"[a-z0-9._\-]*|[A-Z]?[a-z]+[0-9._\-]*")
 _SRI = re.compile(r"(?i)sha(?:1|256|384|512)-")
 _PLACEHOLDER_PASSWORD = re.compile(
-    r"(?i)^(?:[<{\[$%*?.]|pass(?:word|wd)?\d?$|secret$|pwd$|your[_\-]?pass(?:word)?$|changeme$|"
-    r"example$|password123$|user$|username$|p@ssw0rd$|mypassword$|\*+$|x+$)"
+    r"(?i)^(?:<[^>]*>|\{[^}]*\}|\[[^\]]*\]|\$\{?[A-Za-z_][A-Za-z0-9_]*\}?|%\(?\w*\)?s?|\*+|x+|\.+|\?+"
+    r"|pass(?:word|wd)?\d?|secret|pwd|your[_\-]?pass(?:word)?|changeme|example|password123|user|username"
+    r"|p@ssw0rd|mypassword)$"
 )
 _LOW_DIVERSITY_CHARS = 8
 

@@ -152,6 +152,10 @@ def test_lookback_is_the_reach_of_the_enabled_kinds() -> None:
     no_email = PiiConfig(kinds=("card", "iban", "phone")).build()
     assert no_email.lookback_chars < DEFAULT.lookback_chars
     assert PiiConfig(kinds=()).build().lookback_chars == 0
+    # skip_word's bounded blob step must be decidable for every settled match
+    from detectors.pii import _BLOB_CHARS
+
+    assert min(PiiConfig(kinds=(k,)).build().lookback_chars for k in KINDS) > _BLOB_CHARS
 
 
 REALISTIC = [
