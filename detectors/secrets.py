@@ -42,12 +42,18 @@ high_entropy           see below                                                
 
 The entropy heuristic flags a run of token characters (``[A-Za-z0-9+/_-]``, optional ``=``
 padding) of ``entropy_min_length_chars``..128 characters whose Shannon entropy is at least
-``entropy_threshold`` bits per character (0.5 less after a secret word such as ``token`` or
-``password``), and that is none of: a hex string (unless a secret word precedes it and no
-hash word does), a UUID, a dotted/slashed path or identifier made of words, base64 that
-decodes to readable text, an SRI hash (``sha256-…``), the payload of a ``data:`` URI, a value
-after a hash word (sha, md5, checksum, digest, commit, etag). Runs longer than 128 characters
-(inline images and other blobs) are never entropy findings.
+``entropy_threshold`` bits per character (default 3.7; 0.5 less after a secret word such as
+``token`` or ``password`` in the same clause, which also raises the severity to high), that
+mixes digits, lower and upper case (issued tokens do; words, codes, IBANs and tracking
+numbers do not), and that is none of: mostly words (an identifier: half its letters in
+runs like ``Factory``/``profile``), a slashed path or kebab/snake-case name of lowercase
+words, base64 that decodes to readable text, a UUID, an SRI hash (``sha384-…``), the payload
+of a ``data:`` URI, a documentation placeholder (``xxxx``, ``your``, ``example``), a value
+after a hash word (sha, md5, checksum, digest, commit, etag, revision, request/trace id).
+Hex strings count only after a secret word, and at md5/sha1/sha256/git lengths only right
+after an assignment to it (``api_key = "…"``). Runs longer than 128 characters (inline
+images and other blobs) are never entropy findings. The candidate is found with Python's
+``re`` beside the re2 alternation, as its last alternative (see ``detectors.pii.Extra``).
 
 Long credentials and the hold-back window: a span that ``redact`` replaces must be seen whole
 before its first character is released, so every bounded pattern here is capped (reach about
