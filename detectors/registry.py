@@ -21,6 +21,8 @@ FAMILY_MODULES = (
     "detectors.transparency",
     "detectors.schema",
     "detectors.injection",
+    "detectors.pii",
+    "detectors.secrets",
 )
 
 

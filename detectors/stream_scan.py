@@ -1,7 +1,9 @@
 """Incremental pattern scanning over a growing text, shared by regex-style detectors.
 
-A match is reported once it is *settled*: the text after it has arrived (a greedy match that
-ends before the end of the buffer cannot grow), or the channel finished. The buffer keeps only
+A match is reported once it is *settled*: every character it could cover (``window`` from its
+start) has arrived, or the channel finished. Reporting earlier (say, once one character after
+a greedy match arrived) would make results depend on the chunking for patterns with optional
+multi-character tails. The buffer keeps only
 the last ``window`` characters plus a little context, so work per ``feed`` is proportional to
 the new text plus the window, never to the whole output.
 """
@@ -68,7 +70,10 @@ class StreamScanner:
             s, e = m.start(), m.end()
             if e == s:
                 continue
-            if not final and e >= n:
+            if not final and (s + self._window > n or e >= n):
+                # the match could still grow (an optional tail, a longer alternative): it is
+                # settled only once everything it could cover has arrived, so the result does
+                # not depend on where the text was split
                 pending_at = s
                 break
             out.append((base + s, base + e, m))

@@ -30,3 +30,11 @@ def test_banned_substrings_and_length():
     assert len(found) == 6
     long = MaxOutputCharsConfig(max_chars=50).build()
     assert len(assert_compliant(long, RequestContext(), TEXT)) == 1
+
+
+def test_optional_tail_is_chunking_independent():
+    det = RegexConfig(patterns={"ext": "abc(?:def)?"}, max_match_chars=16).build()
+    text = "xx abcdef yy abc zz"
+    for sizes in ([len(text)], [1] * len(text), [4, 1, 1, 1, 1, 20]):
+        found = run(det, RequestContext(), text, sizes)
+        assert [text[f.span[0]:f.span[1]] for f in found] == ["abcdef", "abc"], sizes
