@@ -6,7 +6,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from proxy.simulate import PII_VALUES, SECRET_VALUES, SCENARIO_OUTPUTS
+from proxy.simulate import PII_VALUES, SCENARIO_OUTPUTS, SECRET_VALUES
 from tests.conftest import b64, proxy_config
 
 
