@@ -42,6 +42,12 @@ def _logprob_items(lp: Any) -> list[tuple[str, float]]:
     return out
 
 
+def items(value: Any) -> list[Any]:
+    """``value`` if it is a JSON array, else empty: upstream payloads are not trusted to have
+    the documented types (``"choices": true`` must not raise)."""
+    return value if isinstance(value, list) else []
+
+
 class ToolNames:
     """Remembers tool-call names by (choice, index): the name arrives only in the first delta."""
 
@@ -114,7 +120,7 @@ def completion_chunk(obj: dict[str, Any]) -> Extract:
     ex.response_id = obj.get("id") if isinstance(obj.get("id"), str) else None
     if isinstance(obj.get("usage"), dict):
         ex.usage = obj["usage"]
-    for ch in obj.get("choices") or ():
+    for ch in items(obj.get("choices")):
         if not isinstance(ch, dict):
             continue
         idx = ch.get("index", 0) if isinstance(ch.get("index", 0), int) else 0
@@ -134,7 +140,7 @@ def chat_body(obj: dict[str, Any]) -> Extract:
     ex.response_id = obj.get("id") if isinstance(obj.get("id"), str) else None
     if isinstance(obj.get("usage"), dict):
         ex.usage = obj["usage"]
-    for ch in obj.get("choices") or ():
+    for ch in items(obj.get("choices")):
         if not isinstance(ch, dict):
             continue
         idx = ch.get("index", 0) if isinstance(ch.get("index", 0), int) else 0
@@ -145,7 +151,7 @@ def chat_body(obj: dict[str, Any]) -> Extract:
             lp = _logprob_items(ch.get("logprobs"))
             if lp:
                 ex.logprobs.append((Channel(choice=idx), lp))
-        for i, tc in enumerate(msg.get("tool_calls") or ()):
+        for i, tc in enumerate(items(msg.get("tool_calls"))):
             if not isinstance(tc, dict):
                 continue
             fn = tc.get("function") if isinstance(tc.get("function"), dict) else {}
@@ -208,11 +214,11 @@ def responses_body(obj: dict[str, Any]) -> Extract:
     if isinstance(obj.get("usage"), dict):
         ex.usage = obj["usage"]
     text_parts: list[str] = []
-    for oi, item in enumerate(obj.get("output") or ()):
+    for oi, item in enumerate(items(obj.get("output"))):
         if not isinstance(item, dict):
             continue
         if item.get("type") == "message":
-            for part in item.get("content") or ():
+            for part in items(item.get("content")):
                 if isinstance(part, dict) and part.get("type") in ("output_text", "refusal"):
                     s = part.get("text") if part.get("type") == "output_text" else part.get("refusal")
                     if isinstance(s, str):

@@ -145,7 +145,13 @@ class StreamRelay:
             self.errored = True
             return ev.raw
         pl = self.pipeline
-        for ch, text in ex_.pieces:
+        pieces = ex_.pieces
+        if self._finished_choices and any(ch.choice in self._finished_choices for ch, _ in pieces):
+            # text for a choice that already ended: its detectors have finished, so it is
+            # dropped (a rewrite sends nothing of it) and counted, never released unchecked
+            self.anomalies.append("after_finish")
+            pieces = [(ch, t) for ch, t in pieces if ch.choice not in self._finished_choices]
+        for ch, text in pieces:
             if text:
                 if ex.upstream_first_token_at is None:
                     ex.upstream_first_token_at = now
@@ -186,12 +192,12 @@ class StreamRelay:
         pl = self.pipeline
         if pl is None:
             return ev.raw
-        out = b""
-        if self.rewrite:
-            out += self._flush_all()
+        # detectors finish first: a match they only confirm at the end (a pattern that could
+        # still have grown) must be redacted or blocked before the held text is released
         pl.finish(finish_reason=self.ex.finish_reasons[-1] if self.ex.finish_reasons else None)
         if pl.flow is Flow.BLOCK:
             return self._block()
+        out = b""
         if self.rewrite:
             out += self._flush_all()
         notes = pl.pop_annotations()
@@ -216,15 +222,28 @@ class StreamRelay:
             return b"", True
         self.ex.truncated = True
         pl = self.pipeline
-        if self.errored:  # the upstream's error event was the end: relayed, nothing to add
-            if pl is not None:
-                pl.finish(truncated=True)
-            return b"", True
+        tail = b""
         if pl is not None:
             pl.finish(truncated=True)
             if pl.flow is Flow.BLOCK:
                 return self._block(), True
-        return b"", False
+            if self.rewrite:  # the text held back so far, checked to the end, goes out first
+                tail = self._flush_all()
+        # after the upstream's own error event there is nothing to add
+        return tail, self.errored
+
+    def on_abort(self) -> bytes:
+        """The upstream failed mid-stream (reset, timeout, overlong line): detectors finish as
+        truncated, then what they clear of the held text goes out (or the block ending, if a
+        detector blocks at the end). The caller adds the error event unless blocked."""
+        self.ex.truncated = True
+        pl = self.pipeline
+        if pl is None or self.done or self.blocked:
+            return b""
+        pl.finish(truncated=True)
+        if pl.flow is Flow.BLOCK:
+            return self._block()
+        return self._flush_all() if self.rewrite else b""
 
     # -- rewrite mode -----------------------------------------------------------------------
 
@@ -383,7 +402,7 @@ class StreamRelay:
         elif t in ("response.completed", "response.incomplete", "response.failed"):
             resp = obj.get("response")
             if isinstance(resp, dict):
-                for oi, item in enumerate(resp.get("output") or ()):
+                for oi, item in enumerate(deltas.items(resp.get("output"))):
                     _fix_output_item(item, pl, self.tools, oi)
         else:
             return ev.raw
@@ -413,7 +432,7 @@ def reencoded(ev: SSEEvent) -> SSEEvent:
 def _strip_logprobs(obj: dict[str, Any]) -> bool:
     """Remove logprobs the proxy asked for on the client's behalf. Returns whether any were."""
     changed = False
-    for ch in obj.get("choices") or ():
+    for ch in deltas.items(obj.get("choices")):
         if isinstance(ch, dict) and ch.get("logprobs") is not None:
             ch["logprobs"] = None
             changed = True
@@ -424,7 +443,7 @@ def _fix_output_item(item: Any, pl: ResponsePipeline, tools: deltas.ToolNames, o
     if not isinstance(item, dict):
         return
     if item.get("type") == "message":
-        for part in item.get("content") or ():
+        for part in deltas.items(item.get("content")):
             if isinstance(part, dict) and isinstance(part.get("text"), str):
                 part["text"] = pl.emitted_text(Channel())
     elif item.get("type") == "function_call" and isinstance(oi, int):
@@ -465,7 +484,7 @@ def redact_body(endpoint: str, obj: dict[str, Any], pl: ResponsePipeline) -> boo
         new = pl.take(ch, final=True)
         changed = True
         if endpoint == "chat":
-            for choice in obj.get("choices") or ():
+            for choice in deltas.items(obj.get("choices")):
                 if not isinstance(choice, dict) or choice.get("index", 0) != ch.choice:
                     continue
                 msg = choice.get("message")
@@ -474,22 +493,26 @@ def redact_body(endpoint: str, obj: dict[str, Any], pl: ResponsePipeline) -> boo
                 if ch.kind == "text":
                     msg["content"] = new
                 else:
-                    tcs = msg.get("tool_calls") or []
+                    tcs = deltas.items(msg.get("tool_calls"))
                     if ch.tool_index is not None and ch.tool_index < len(tcs):
-                        tcs[ch.tool_index]["function"]["arguments"] = new
+                        tc = tcs[ch.tool_index]
+                        fn = tc.get("function") if isinstance(tc, dict) else None
+                        if isinstance(fn, dict):
+                            fn["arguments"] = new
         elif endpoint == "completions":
-            for choice in obj.get("choices") or ():
+            for choice in deltas.items(obj.get("choices")):
                 if isinstance(choice, dict) and choice.get("index", 0) == ch.choice:
                     choice["text"] = new
         elif endpoint == "responses":
-            output = obj.get("output") or []
+            output = deltas.items(obj.get("output"))
             if ch.kind == "tool_call" and ch.tool_index is not None and ch.tool_index < len(output):
-                output[ch.tool_index]["arguments"] = new
+                if isinstance(output[ch.tool_index], dict):
+                    output[ch.tool_index]["arguments"] = new
             elif ch.kind == "text":
                 first = True
                 for item in output:
                     if isinstance(item, dict) and item.get("type") == "message":
-                        for part in item.get("content") or ():
+                        for part in deltas.items(item.get("content")):
                             if isinstance(part, dict) and part.get("type") == "output_text":
                                 part["text"] = new if first else ""
                                 first = False

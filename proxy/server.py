@@ -546,14 +546,15 @@ class ProxyApp:
             ex.upstream_ended = time.perf_counter()
         except UpstreamError as err:
             # mid-stream failure: finish detectors as truncated, end with an error event
-            ex.truncated = True
             ex.status, ex.outcome = err.status, err.outcome
-            if relay.pipeline is not None:
-                relay.pipeline.finish(truncated=True)
+            tail = relay.on_abort()
             if buffered and not sent.started:
                 raise
-            await sent.body(bytes(held) + error_event(ex.endpoint, err.message, err.code or "upstream_error"),
-                            more=False)
+            if relay.blocked:
+                ex.outcome = "blocked"
+            else:
+                tail += error_event(ex.endpoint, err.message, err.code or "upstream_error")
+            await sent.body(bytes(held) + tail, more=False)
             return False
         finally:
             for kind in relay.anomalies:
@@ -669,10 +670,15 @@ def _parse_json_body(raw: bytes, endpoint: str) -> dict[str, Any]:
         raise BadRequest("'model' is required and must be a string", param="model")
     if "stream" in body and not isinstance(body["stream"], bool | None):
         raise BadRequest("'stream' must be a boolean", param="stream")
+    if body.get("tools") is not None and not isinstance(body["tools"], list):
+        raise BadRequest("'tools' must be an array", param="tools")
     if endpoint == "chat":
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
             raise BadRequest("'messages' must be an array of message objects", param="messages")
+        for i, m in enumerate(msgs):
+            if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
+                raise BadRequest("'tool_calls' must be an array", param=f"messages[{i}].tool_calls")
     return body
 
 
