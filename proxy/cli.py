@@ -30,7 +30,10 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for noisy in ("httpx", "httpcore"):  # one INFO line per upstream request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    common = {"log_level": "warning", "access_log": False, "lifespan": "on",
+    # proxy_headers off: X-Forwarded-For from clients is not trusted (and costs a middleware
+    # per request); no server/date headers of our own: the upstream's pass through
+    common = {"log_level": "warning", "access_log": False, "lifespan": "on", "proxy_headers": False,
+              "server_header": False, "date_header": False,
               "timeout_graceful_shutdown": server.shutdown_grace_seconds}
     if workers > 1:
         if args.config:

@@ -35,7 +35,8 @@ REQUEST_ALLOW = frozenset({
 REQUEST_ALLOW_PREFIXES = (b"x-sim-", b"anthropic-", b"x-goog-")
 
 # dropped from upstream responses (the proxy frames the body itself)
-RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"content-encoding", b"date", b"server"}
+# the upstream's date and server headers pass through (the proxy adds none of its own)
+RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"content-encoding"}
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
