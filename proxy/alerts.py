@@ -39,15 +39,20 @@ Rules (``alerts.rules``) are static, adaptive or both (then both must hold):
   not zero, so one odd response does not become an alert. Updates are
   winsorised at ``sigmas`` (a slow poisoning cannot drag the baseline), and while an alert
   fires the baseline learns five times slower, so a lasting shift becomes the new normal
-  after a while instead of firing forever. See docs/alerts.md for the false-alarm figures.
+  after a while instead of firing forever.
+
+Hysteresis: a firing alert resolves only once the value is back below ``resolve_threshold``
+(static; default 0.8 x threshold) or below half the sigmas (adaptive), so a value hovering at
+the line does not notify again and again. See docs/alerts.md for the false-alarm figures.
 
 Lifecycle: an alert (rule, route, model, concrete signal) fires when its condition holds and
-resolves when it no longer does (including when the window has too few samples: no evidence
-is no alert). Each alert has labels, annotations, startsAt/endsAt and a fingerprint (sha256
-of its sorted labels). Notifications are de-duplicated through the shared state: with Redis,
-one replica notifies per alert, re-notifies at most every ``renotify_interval_seconds``, and
-the resolved notification goes out when the last replica stops seeing it; after it resolves
-the same alert stays quiet for ``cooldown_seconds``. Delivery is ``proxy.alert_sinks``.
+resolves when it no longer does. With fewer than ``min_samples`` nothing fires, and a firing
+alert holds its state (a quiet night is no evidence of recovery) until the window is empty.
+Each alert has labels, annotations, startsAt/endsAt and a fingerprint (sha256 of its sorted
+labels). Notifications are de-duplicated through the shared state: with Redis, one replica
+notifies per alert, re-notifies at most every ``renotify_interval_seconds``, and the
+resolved notification goes out when the last replica stops seeing it; after it resolves the
+same alert stays quiet for ``cooldown_seconds``. Delivery is ``proxy.alert_sinks``.
 
 Nothing here can fail a request: ``observe`` is synchronous and guarded, evaluation and
 delivery run in background tasks.
@@ -168,6 +173,7 @@ class RuleSpec:
     warmup_windows: int = 12
     alpha: float = 0.1
     relative_floor: float = 0.05
+    resolve_threshold: float | None = None  # static hysteresis; default 0.8 x threshold (1.25 x "below")
     labels: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -193,6 +199,15 @@ class RuleSpec:
             return self.direction
         return "both" if self.signal in MEAN_SIGNALS else "above"
 
+    @property
+    def release(self) -> float | None:
+        """The value a firing static alert must cross back to resolve."""
+        if self.threshold is None:
+            return None
+        if self.resolve_threshold is not None:
+            return self.resolve_threshold
+        return self.threshold * (1.25 if self.sides == "below" else 0.8)
+
     @classmethod
     def from_config(cls, rule: Any) -> RuleSpec:
         return cls(
@@ -202,23 +217,28 @@ class RuleSpec:
             adaptive=bool(getattr(rule, "adaptive", False)), sigmas=float(getattr(rule, "sigmas", 4.0)),
             direction=getattr(rule, "direction", "auto"), warmup_windows=int(getattr(rule, "warmup_windows", 12)),
             alpha=float(getattr(rule, "alpha", 0.1)), relative_floor=float(getattr(rule, "relative_floor", 0.05)),
+            resolve_threshold=getattr(rule, "resolve_threshold", None),
             labels=dict(getattr(rule, "labels", None) or {}),
         )
 
 
 # With no rules configured: adaptive baselines on every signal the issue names, conservative
-# enough to stay quiet on stable traffic (see docs/alerts.md for the measured false alarms).
+# enough to stay quiet on stable traffic (docs/alerts.md has the measured false alarms and
+# detection delays, from scripts/plot_drift.py). Rates of rare events use 15 minute windows
+# and 4 sigmas (an exact binomial tail: 4 sigmas is a 3e-5 chance per evaluation); in 5
+# minutes at under one request per second even a six-fold jump of a 0.5 % rate is not
+# significant. Latencies and lengths use 5 minute windows and 5 sigmas.
 DEFAULT_RULES: tuple[RuleSpec, ...] = tuple(
-    RuleSpec(name=name, signal=signal, adaptive=True, sigmas=5.0, window_seconds=300.0, min_samples=50,
+    RuleSpec(name=name, signal=signal, adaptive=True, sigmas=sigmas, window_seconds=window, min_samples=50,
              severity=severity)
-    for name, signal, severity in (
-        ("GapwatchFindingRateAnomaly", "findings.*", "warning"),
-        ("GapwatchBlockRateAnomaly", "block_rate", "warning"),
-        ("GapwatchUpstreamErrorRateAnomaly", "upstream_error_rate", "warning"),
-        ("GapwatchLatencyP95Anomaly", "latency_p95", "warning"),
-        ("GapwatchTTFTP95Anomaly", "ttft_p95", "warning"),
-        ("GapwatchOutputLengthAnomaly", "output_tokens_mean", "info"),
-        ("GapwatchAbstentionRateAnomaly", "abstention_rate", "info"),
+    for name, signal, window, sigmas, severity in (
+        ("GapwatchFindingRateAnomaly", "findings.*", 900.0, 4.0, "warning"),
+        ("GapwatchBlockRateAnomaly", "block_rate", 900.0, 4.0, "warning"),
+        ("GapwatchUpstreamErrorRateAnomaly", "upstream_error_rate", 900.0, 4.0, "warning"),
+        ("GapwatchLatencyP95Anomaly", "latency_p95", 300.0, 5.0, "warning"),
+        ("GapwatchTTFTP95Anomaly", "ttft_p95", 300.0, 5.0, "warning"),
+        ("GapwatchOutputLengthAnomaly", "output_tokens_mean", 300.0, 5.0, "info"),
+        ("GapwatchAbstentionRateAnomaly", "abstention_rate", 900.0, 4.0, "info"),
     )
 )
 
@@ -232,7 +252,7 @@ class AlertSettings:
     rules: tuple[RuleSpec, ...]
     evaluation_interval_seconds: float
     renotify_interval_seconds: float = 4 * 3600.0
-    cooldown_seconds: float = 300.0
+    cooldown_seconds: float = 900.0
     resend_interval_seconds: float = 60.0  # keep-alive re-posts to Alertmanager
     history_size: int = 200
     queue_size: int = 1000
@@ -254,7 +274,7 @@ class AlertSettings:
         values: dict[str, Any] = {
             "rules": rules, "evaluation_interval_seconds": float(interval),
             "renotify_interval_seconds": float(getattr(a, "renotify_interval_seconds", 4 * 3600.0)),
-            "cooldown_seconds": float(getattr(a, "cooldown_seconds", 300.0)),
+            "cooldown_seconds": float(getattr(a, "cooldown_seconds", 900.0)),
             "resend_interval_seconds": float(getattr(a, "resend_interval_seconds", 60.0)),
             "history_size": int(getattr(a, "history_size", 200)),
             "queue_size": int(getattr(a, "queue_size", 1000)),
@@ -487,29 +507,54 @@ def binomial_z(k: int, n: int, p: float) -> float:
 
 @dataclass
 class Baseline:
-    """EWMA mean and variance of a signal's per-window values, plus the EWMA of the number
-    of samples per window (for rates: how much evidence the baseline rests on)."""
+    """EWMA mean and variance of a signal's per-window values; for rates also the EWMA of the
+    number of samples per window (how much evidence the baseline rests on) and the
+    dispersion: observed squared deviations over the binomial variance at each window's own
+    sample count (1 for pure sampling noise; above 1 when the rate really varies). Why not the
+    raw variance for rates: windows at night hold a tenth of the daytime samples and ten times
+    the noise, and a raw variance would let the night blunt the day's alerts."""
 
     mean: float = 0.0
     var: float = 0.0
     n: int = 0  # windows absorbed
     samples: float = 0.0
+    dispersion: float = 1.0
+    unit_var: float = 0.0  # latencies and lengths: EWMA of squared deviation x samples
     updated: float = -math.inf  # monotonic time of the last update (not shared)
 
-    def update(self, x: float, alpha: float, clip_sigmas: float | None = None, samples: int = 0) -> None:
+    def update(self, x: float, alpha: float, clip_sigmas: float | None = None, samples: int = 0,
+               noise_var: float | None = None, mean_only: bool = False) -> None:
+        """Absorb one window's value. ``noise_var`` (rates): the binomial variance of this
+        window's value at the baseline rate; ``clip_sigmas``: winsorise ``x`` first;
+        ``mean_only``: move the mean but learn no spread (an anomalous window would teach the
+        baseline that anomalies are normal, and the alert would resolve mid-incident)."""
         if self.n == 0:
             self.mean, self.var, self.samples = x, 0.0, float(samples)
         else:
-            if clip_sigmas is not None and self.var > 0:
-                std = math.sqrt(self.var)
-                x = min(max(x, self.mean - clip_sigmas * std), self.mean + clip_sigmas * std)
+            if clip_sigmas is not None:
+                sd = math.sqrt(max(self.dispersion, 1.0) * noise_var) if noise_var else self.spread(samples)
+                if sd > 0:
+                    x = min(max(x, self.mean - clip_sigmas * sd), self.mean + clip_sigmas * sd)
             a = max(alpha, 1.0 / (self.n + 1))  # a plain average while warming up
             av = max(alpha / 2, 1.0 / (self.n + 1))  # the spread: twice the memory, a steadier estimate
             d = x - self.mean
             self.mean += a * d
+            if mean_only:
+                self.n += 1
+                return
             self.var = (1 - av) * (self.var + av * d * d)
             self.samples += a * (samples - self.samples)
+            if noise_var:
+                self.dispersion += av * (d * d / noise_var - self.dispersion)
+            elif samples:
+                self.unit_var += av * (d * d * samples - self.unit_var)
         self.n += 1
+
+    def spread(self, samples: int) -> float:
+        """Latencies and lengths: the standard deviation to expect for a window of
+        ``samples``: the larger of the spread between windows and the per-sample spread scaled
+        to this window (a quiet evening's p95 rests on fewer samples than noon's)."""
+        return max(math.sqrt(max(self.var, 0.0)), math.sqrt(max(self.unit_var, 0.0) / max(samples, 1)))
 
     def rate_floor(self, alpha: float) -> float:
         """The baseline rate, never below one event in the samples it rests on: a detector
@@ -517,33 +562,50 @@ class Baseline:
         effective = max(self.samples, 1.0) * min(self.n, 2.0 / alpha - 1.0)
         return min(max(self.mean, 1.0 / max(effective, 1.0)), 1.0)
 
+    def noise_var(self, alpha: float, samples: int) -> float:
+        """Binomial variance of a window rate over ``samples`` at the baseline rate."""
+        p = self.rate_floor(alpha)
+        return p * (1 - p) / max(samples, 1)
+
     def z(self, rule: RuleSpec, value: float, samples: int) -> float:
         """Signed deviation of a window value in sigmas.
 
         Latencies and lengths (baseline kept on ``log(value)``, see ``transform``):
-        ``(log value - mean) / max(sd, log(1 + relative_floor))``. Rates: the smaller of the
-        deviation in baseline standard deviations (spread between windows, which includes
-        drift and overdispersion) and the exact binomial deviation of the window's count at
-        the baseline rate (the sampling noise this window implies)."""
-        std = math.sqrt(max(self.var, 0.0))
+        ``(log value - mean) / max(spread(samples), log(1 + relative_floor))``. Rates: the smaller of the
+        deviation in units of the quasi-binomial spread at this window's sample count
+        (``sqrt(dispersion * p(1-p)/n)``; covers real variation between windows) and the exact
+        binomial tail at the baseline rate (covers the skew of counts of rare events)."""
         if rule.kind != "rate":
             d = transform(rule, value) - self.mean
-            return d / max(std, math.log1p(rule.relative_floor), 1e-12)
+            return d / max(self.spread(samples), math.log1p(rule.relative_floor), 1e-12)
         d = value - self.mean
         if d == 0:
             return 0.0
-        spread = d / std if std > 0 else math.copysign(math.inf, d)
+        spread = d / math.sqrt(max(self.dispersion, 1.0) * self.noise_var(rule.alpha, samples))
         sampling = binomial_z(round(value * samples), samples, self.rate_floor(rule.alpha))
         if sampling == 0 or (sampling > 0) != (d > 0):
             return 0.0
         return math.copysign(min(abs(spread), abs(sampling)), d)
 
     def to_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "var": self.var, "n": self.n, "samples": self.samples}
+        return {"mean": self.mean, "var": self.var, "n": self.n, "samples": self.samples,
+                "dispersion": self.dispersion, "unit_var": self.unit_var}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Baseline:
-        return cls(mean=float(d["mean"]), var=float(d["var"]), n=int(d["n"]), samples=float(d.get("samples", 0.0)))
+        return cls(mean=float(d["mean"]), var=float(d["var"]), n=int(d["n"]), samples=float(d.get("samples", 0.0)),
+                   dispersion=float(d.get("dispersion", 1.0)), unit_var=float(d.get("unit_var", 0.0)))
+
+
+def learn(rule: RuleSpec, b: Baseline, value: float, samples: int, firing: bool = False) -> None:
+    """Absorb one window into a rule's baseline: winsorised at ``sigmas`` once warm; while the
+    alert fires only the mean moves, five times slower (a lasting shift becomes the new normal
+    after a while; a passing incident does not widen the baseline)."""
+    warm = b.n >= rule.warmup_windows
+    alpha = rule.alpha / 5 if firing else rule.alpha
+    noise = b.noise_var(rule.alpha, samples) if rule.kind == "rate" and b.n > 0 else None
+    b.update(transform(rule, value), alpha, rule.sigmas if warm and not firing else None, samples, noise,
+             mean_only=firing)
 
 
 @dataclass
@@ -554,6 +616,7 @@ class Verdict:
     mean: float | None = None
     z: float | None = None
     warming: bool = False
+    held: bool = False
 
 
 def _beyond(x: float, limit: float, sides: str) -> bool:
@@ -562,22 +625,30 @@ def _beyond(x: float, limit: float, sides: str) -> bool:
     return x > limit
 
 
-def evaluate(rule: RuleSpec, got: tuple[float, int] | None, baseline: Baseline | None) -> Verdict:
-    """Pure: does ``rule`` hold for a window value ``got`` against ``baseline``?"""
+def evaluate(rule: RuleSpec, got: tuple[float, int] | None, baseline: Baseline | None,
+             firing: bool = False) -> Verdict:
+    """Pure: does ``rule`` hold for a window value ``got`` against ``baseline``? An alert that
+    is ``firing`` keeps firing until the value crosses back past ``rule.release`` (static) or
+    below half the sigmas (adaptive): hysteresis, so a value hovering at the threshold or a
+    noisy window mid-incident does not resolve the alert and notify again a minute later."""
     if got is None or got[1] < rule.min_samples:
-        return Verdict(False, None if got is None else got[0], 0 if got is None else got[1])
+        # too little evidence: nothing fires; a firing alert holds while there is traffic at
+        # all (a quiet night is not a recovery) and resolves when there is none
+        held = firing and got is not None and got[1] > 0
+        return Verdict(held, None if got is None else got[0], 0 if got is None else got[1], held=held)
     value, n = got
     v = Verdict(True, value, n)
     if rule.threshold is not None:  # a static threshold is a floor unless direction is "below"
-        v.active = _beyond(value, rule.threshold, rule.sides)
+        limit = rule.release if firing else rule.threshold
+        v.active = _beyond(value, limit, rule.sides)  # type: ignore[arg-type]
     if rule.adaptive:
         if baseline is None or baseline.n < rule.warmup_windows:
             v.active, v.warming = False, True
             return v
         z = baseline.z(rule, value, n)
         v.mean, v.z = untransform(rule, baseline.mean), z
-        sides = rule.sides
-        dev = z > rule.sigmas if sides == "above" else z < -rule.sigmas if sides == "below" else abs(z) > rule.sigmas
+        sides, k = rule.sides, rule.sigmas / 2 if firing else rule.sigmas
+        dev = z > k if sides == "above" else z < -k if sides == "below" else abs(z) > k
         v.active = v.active and dev
     return v
 
@@ -765,8 +836,8 @@ class AlertEngine:
                     seen.add(akey)
                     got = signal_value(signal, agg)
                     baseline = await self._baseline(rule, akey) if rule.adaptive else None
-                    verdict = evaluate(rule, got, baseline)
                     firing = akey in self._active
+                    verdict = evaluate(rule, got, baseline, firing)
                     if baseline is not None and got is not None and got[1] >= rule.min_samples \
                             and now - baseline.updated >= rule.window_seconds:
                         self._learn(rule, baseline, got[0], got[1], firing, now)
@@ -799,10 +870,8 @@ class AlertEngine:
         return sorted(out)
 
     def _learn(self, rule: RuleSpec, b: Baseline, value: float, samples: int, firing: bool, now: float) -> None:
-        warm = b.n >= rule.warmup_windows
-        alpha = rule.alpha / 5 if firing else rule.alpha
-        b.update(transform(rule, value), alpha, rule.sigmas if warm and not firing else None, samples)
         b.updated = now
+        learn(rule, b, value, samples, firing)
 
     @staticmethod
     def _baseline_key(akey: AlertKey) -> str:
@@ -868,8 +937,9 @@ class AlertEngine:
                 return
             labels = self._labels(rule, akey)
             alert = Alert(akey, rule, labels, fingerprint(labels), starts_at=wall)
-        alert.value = v.value
-        alert.annotations = self._annotations(rule, akey, v)
+        if not v.held:  # a held alert keeps the figures that made it fire
+            alert.value = v.value
+            alert.annotations = self._annotations(rule, akey, v)
         claim = await self.state.alert_firing(
             alert.fingerprint, self.settings.replica_id, starts_at=alert.starts_at,
             heartbeat_seconds=max(10 * self.settings.evaluation_interval_seconds, 5.0),
@@ -932,4 +1002,4 @@ def replace_rules(settings: AlertSettings, rules: Iterable[RuleSpec]) -> AlertSe
 
 
 __all__ = ["DEFAULT_RULES", "AlertEngine", "AlertSettings", "Baseline", "RuleSpec", "evaluate", "exchange_sample",
-           "parse_duration", "signal_value"]
+           "learn", "parse_duration", "signal_value"]
