@@ -996,10 +996,27 @@ class AlertEngine:
         return {self._baseline_key(k): b.to_dict() for k, b in self._baselines.items()}
 
 
+def config_problems(config: Any, env: Mapping[str, str] | None = None) -> list[str]:
+    """Problems with ``alerts`` that would stop the engine from starting, one line each in the
+    config loader's ``path: problem`` style (for ``proxy.config``'s reference checks)."""
+    problems: list[str] = []
+    for i, rule in enumerate(config.alerts.rules):
+        try:
+            RuleSpec.from_config(rule)
+        except ValueError as exc:
+            problems.append(f"alerts.rules[{i}]: {exc}")
+    for i, sink in enumerate(config.alerts.sinks):
+        try:
+            build_sinks([sink], env)
+        except ValueError as exc:
+            problems.append(str(exc).replace("alerts.sinks[0]", f"alerts.sinks[{i}]"))
+    return problems
+
+
 def replace_rules(settings: AlertSettings, rules: Iterable[RuleSpec]) -> AlertSettings:
     """A copy of ``settings`` with other rules (tests, the drift simulation)."""
     return replace(settings, rules=tuple(rules))
 
 
-__all__ = ["DEFAULT_RULES", "AlertEngine", "AlertSettings", "Baseline", "RuleSpec", "evaluate", "exchange_sample",
-           "learn", "parse_duration", "signal_value"]
+__all__ = ["DEFAULT_RULES", "AlertEngine", "AlertSettings", "Baseline", "RuleSpec", "config_problems", "evaluate",
+           "exchange_sample", "learn", "parse_duration", "signal_value"]

@@ -24,6 +24,7 @@ from proxy.alerts import (
     WindowRing,
     binomial_tail,
     binomial_z,
+    config_problems,
     evaluate,
     exchange_sample,
     fingerprint,
@@ -151,6 +152,19 @@ def test_rules_from_config() -> None:
     short = AlertSettings.from_config(config(rules=[{"name": "x", "signal": "block_rate", "threshold": 0.1,
                                                      "window": "2s"}]))
     assert short.evaluation_interval_seconds == pytest.approx(0.4)
+
+
+def test_config_problems() -> None:
+    cfg = config(rules=[{"name": "a", "signal": "findings.pii", "threshold": 0.01},
+                        {"name": "b", "signal": "latency", "threshold": 1},
+                        {"name": "c", "signal": "block_rate", "threshold": 0.1, "window": "5 minutes"}],
+                 sinks=[{"type": "log"}, {"type": "webhook", "url": "http://h/x", "secret_env": "NOPE_GW"}])
+    problems = config_problems(cfg, env={})
+    assert len(problems) == 3
+    assert problems[0].startswith("alerts.rules[1]: alerts rule 'b': unknown signal 'latency'")
+    assert problems[1] == "alerts.rules[2]: invalid duration '5 minutes' (write e.g. 30s, 5m, 1h30m)"
+    assert problems[2] == "alerts.sinks[1].secret_env: environment variable NOPE_GW is not set"
+    assert config_problems(config(), env={}) == []
 
 
 # --- samples, windows, signals ---------------------------------------------------------------------
