@@ -141,10 +141,22 @@ class StreamRelay:
             ex.response_id = ex_.response_id
         if ex_.usage:
             ex.usage = ex_.usage
-        if ex_.error is not None:
-            self.errored = True
-            return ev.raw
         pl = self.pipeline
+        if ex_.error is not None:
+            # the upstream gave up: its error event ends the stream. Detectors finish as
+            # truncated and what they clear of the held text goes out before the error (a
+            # client stops reading at the error)
+            self.errored = True
+            out = b""
+            if pl is not None:
+                pl.finish(truncated=True)
+                if pl.flow is Flow.BLOCK:
+                    return self._block()
+                if self.rewrite:
+                    out = self._flush_all()
+            self.done = True
+            self.ex.truncated = True
+            return out + ev.raw
         pieces = ex_.pieces
         if self._finished_choices and any(ch.choice in self._finished_choices for ch, _ in pieces):
             # text for a choice that already ended: its detectors have finished, so it is

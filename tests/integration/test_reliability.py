@@ -708,6 +708,8 @@ def test_case_21_upstream_error_event_mid_stream_relayed(start_proxy, faults, mo
     assert len(seen.errors) == 1, seen.errors  # the upstream's error, not also one of ours
     assert seen.errors[0]["message"] == "the model is overloaded (fault)"
     assert not seen.done
+    assert seen.text == "a longer answer that the upstream breaks off"[:12]  # all of it, held text too,
+    assert '"error"' in seen.events[-1][1]  # ... before the error: a client stops reading there
     with pytest.raises(openai.APIError, match="overloaded"):
         for _ in p.client().chat.completions.create(model="m", stream=True, messages=[{"role": "user", "content": "q"}],
                                                     extra_headers=fault_headers("error_mid", n=3, text=text)):
