@@ -1000,7 +1000,56 @@ FAULT_PARAMS: dict[str, dict[str, Any]] = {
 }
 
 
-def test_case_27_canary_keys_never_in_logs_errors_spans_metrics_incidents(start_proxy, faults, monkeypatch):
+def _collecting(finished: Any, into: list[Any]) -> Any:
+    def wrapped(ex: Any) -> None:
+        into.append(ex)
+        finished(ex)
+    return wrapped
+
+
+def alert_payloads(exchanges: list[Any]) -> list[str]:
+    """Every finished exchange through the alert engine with rules that fire on anything,
+    rendered by every sink type: the request bodies and headers alerting would send."""
+    from proxy.alert_sinks import build_sinks
+    from proxy.alerts import AlertEngine
+    from proxy.config import load_dict
+    from proxy.metrics import Metrics
+    from proxy.state_redis import build_state
+
+    rules = [{"name": f"r{i}", "signal": sig, "threshold": 0.0, "min_samples": 1, "window": "1m"}
+             for i, sig in enumerate(["upstream_error_rate", "findings.*", "block_rate", "latency_p99",
+                                      "output_chars_mean"])]
+    sinks = [{"type": t, "url": "http://127.0.0.1:9/alerts"} for t in ("webhook", "slack", "alertmanager")]
+    loaded = load_dict({"upstreams": {"u": {"base_url": "http://127.0.0.1:1/v1"}}, "routes": [{"upstream": "u"}],
+                        "alerts": {"rules": rules, "sinks": sinks}})
+    notes: list[Any] = []
+
+    class Capture:  # stands in for the dispatcher: keeps what would be delivered
+        sinks: list[Any] = []
+
+        def submit(self, note: Any) -> None:
+            notes.append(note)
+
+        def start(self) -> None: ...
+
+        async def stop(self) -> None: ...
+
+    metrics = Metrics()
+    engine = AlertEngine(loaded.config, metrics, build_state(loaded.config, metrics), dispatcher=Capture())
+    for ex in exchanges:
+        engine.observe(ex)
+    asyncio.run(engine.tick())
+    assert notes, "no alert fired: the payload check saw nothing"
+    out = [json.dumps(engine.active(), default=str)]
+    for sink in build_sinks(loaded.config.alerts.sinks):
+        for batch in ([notes] if sink.batch else [[n] for n in notes]):
+            req = sink.request(batch, time.time())
+            if req is not None:
+                out.append(f"{req.url} {req.headers} {req.body.decode('utf-8', 'replace')}")
+    return out
+
+
+def test_case_27_canary_keys_never_in_logs_errors_spans_metrics_incidents_alerts(start_proxy, faults, monkeypatch):
     import hashlib
 
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -1020,11 +1069,13 @@ def test_case_27_canary_keys_never_in_logs_errors_spans_metrics_incidents(start_
                        tenants=[{"name": "app", "key_sha256": hashlib.sha256(CANARY_TENANT.encode()).hexdigest()}]),
     }
     collected: list[str] = []
+    exchanges: list[Any] = []
     with capture_logs() as logs:
         for name, conf in proxies.items():
             p = start_proxy(conf)
             exporter = InMemorySpanExporter()
             p.gateway.telemetry.use_tracing(Tracing(p.gateway.config, exporter=exporter))
+            p.gateway.telemetry.finished = _collecting(p.gateway.telemetry.finished, exchanges)
             key = CANARY_TENANT if name == "tenants" else CANARY_CLIENT
             everywhere = {"authorization": f"Bearer {key}", "x-request-id": f"{CANARY_CLIENT} bad id",
                           "x-api-key": CANARY_CLIENT, "cookie": f"k={CANARY_CLIENT}",
@@ -1075,6 +1126,7 @@ def test_case_27_canary_keys_never_in_logs_errors_spans_metrics_incidents(start_
             for span in spans:
                 collected.append(json.dumps({"name": span.name, "attrs": dict(span.attributes or {}),
                                              "events": [dict(e.attributes or {}) for e in span.events]}, default=str))
+        collected += alert_payloads(exchanges)
     collected.append(logs.text)
     assert len(logs.lines) > 10  # the capture really saw the proxy's logging
     blob = "\n".join(collected)

@@ -333,7 +333,7 @@ def texts_by_choice(endpoint: str, data: bytes) -> dict[int, str]:
             if obj.get("type") == "response.output_text.delta" and isinstance(obj.get("delta"), str):
                 out[0] = out.get(0, "") + obj["delta"]
             continue
-        for ch in obj.get("choices") or ():
+        for ch in deltas.items(obj.get("choices")):
             if not isinstance(ch, dict):
                 continue
             idx = ch.get("index", 0) if isinstance(ch.get("index", 0), int) else 0
