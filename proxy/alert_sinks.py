@@ -328,6 +328,7 @@ class Dispatcher:
         self._queues: list[asyncio.Queue[Notification]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._client: httpx.AsyncClient | None = None
+        self._stopping = False
         self.delivered = 0
         self.failed = 0
         self._logged: set[str] = set()
@@ -348,9 +349,10 @@ class Dispatcher:
                 async with asyncio.timeout(grace_seconds):
                     for q in self._queues:
                         await q.join()
+            self._stopping = True  # with the cancel: see AlertEngine.stop
             for t in self._tasks:
                 t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.wait(self._tasks, timeout=2.0)
             self._tasks = []
         if self._client is not None:
             await self._client.aclose()
@@ -378,7 +380,7 @@ class Dispatcher:
                         "gapwatch_alert_sink_failures_total; logged once per reason)", sink.where, count, why)
 
     async def _worker(self, sink: Sink, q: asyncio.Queue[Notification]) -> None:
-        while True:
+        while not self._stopping:
             batch = [await q.get()]
             if sink.batch:
                 while len(batch) < MAX_BATCH and not q.empty():

@@ -755,6 +755,7 @@ class AlertEngine:
         built = sinks if sinks is not None else build_sinks(config.alerts.sinks)
         self.dispatcher = dispatcher or Dispatcher(built, metrics, self.settings.queue_size)
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._logged: set[str] = set()
         self.dropped_series = 0
         for r in self.rules:
@@ -795,15 +796,17 @@ class AlertEngine:
 
     async def stop(self) -> None:
         if self._task is not None:
+            # a flag as well as the cancel: on Python 3.11 a cancel that races an expiring
+            # asyncio.timeout() inside a state call can surface as TimeoutError instead
+            self._stopping = True
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=2.0)
             self._task = None
         await self.dispatcher.stop()
 
     async def _run(self) -> None:
         interval = self.settings.evaluation_interval_seconds
-        while True:
+        while not self._stopping:
             await asyncio.sleep(interval)
             try:
                 await self.tick()

@@ -318,6 +318,7 @@ class RedisState(MemoryState):
         self._fire: Any = None
         self._resolve: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._up = False
         self._ever_up = False
         self._warned = False
@@ -348,9 +349,11 @@ class RedisState(MemoryState):
 
     async def stop(self) -> None:
         if self._task is not None:
+            # a flag as well as the cancel: on Python 3.11 a cancel that races an expiring
+            # asyncio.timeout() can surface as TimeoutError, which the loop survives
+            self._stopping = True
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=2.0)
             self._task = None
         if self._client is not None:
             if self._up:
@@ -358,7 +361,8 @@ class RedisState(MemoryState):
                     async with asyncio.timeout(self.op_timeout):
                         await self._flush()
             with contextlib.suppress(Exception):
-                await self._client.aclose()
+                async with asyncio.timeout(1.0):
+                    await self._client.aclose()
             self._client = None
 
     # -- health ------------------------------------------------------------------------------------
@@ -451,7 +455,7 @@ class RedisState(MemoryState):
 
     async def _sync_loop(self) -> None:
         errors = self._errors()
-        while True:
+        while not self._stopping:
             try:
                 if not self._up:
                     async with asyncio.timeout(self.op_timeout):
