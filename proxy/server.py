@@ -62,6 +62,11 @@ class ClientGone(Exception):
     """The client disconnected; the request task is cancelled."""
 
 
+class ClientStalled(Exception):
+    """The client stopped reading a stream for longer than the stream may last
+    (``max_stream_duration_seconds``): the request ends without another byte."""
+
+
 class Gateway:
     """Owns the configured runtime objects, built once at start-up."""
 
@@ -155,6 +160,8 @@ class ProxyApp:
         watcher = asyncio.get_running_loop().create_task(self._watch(receive, body_done, task, ex, sent))
         try:
             await self._handle(scope, receive, sent, ex, raw_headers, body_done)
+        except ClientStalled:
+            ex.outcome = "client_stalled"  # nothing more can be sent; the server closes the connection
         except asyncio.CancelledError:
             if not ex.client_disconnected:
                 raise
@@ -380,8 +387,8 @@ class ProxyApp:
                 if chunk is None:
                     break
                 first = False
-                await sent.body(chunk, more=True)
-            await sent.body(b"", more=False)
+                await _send(sent, chunk, True, deadline)
+            await _send(sent, b"", False, deadline)
         finally:
             ex.upstream_ended = ex.upstream_ended or time.perf_counter()
             await resp.aclose()
@@ -533,7 +540,7 @@ class ProxyApp:
                     if buffered:
                         held += out
                     else:
-                        await sent.body(bytes(out), more=True)
+                        await _send(sent, bytes(out), True, deadline)
             if not relay.done:
                 for ev in parser.flush():
                     held_or_send = relay.on_event(ev, time.perf_counter())
@@ -541,7 +548,7 @@ class ProxyApp:
                         if buffered:
                             held += held_or_send
                         else:
-                            await sent.body(held_or_send, more=True)
+                            await _send(sent, held_or_send, True, deadline)
             tail, clean = relay.on_eof()
             ex.upstream_ended = time.perf_counter()
         except UpstreamError as err:
@@ -554,7 +561,7 @@ class ProxyApp:
                 ex.outcome = "blocked"
             else:
                 tail += error_event(ex.endpoint, err.message, err.code or "upstream_error")
-            await sent.body(bytes(held) + tail, more=False)
+            await _send(sent, bytes(held) + tail, False, deadline)
             return False
         finally:
             for kind in relay.anomalies:
@@ -573,9 +580,7 @@ class ProxyApp:
                                 "upstream_truncated")
         if buffered:
             await sent.start(200, headers)
-            await sent.body(bytes(held) + tail, more=False)
-        else:
-            await sent.body(tail, more=False)
+        await _send(sent, bytes(held) + tail if buffered else tail, False, deadline)
         if relay.done and not relay.blocked and clean:
             await _drain(it)
         return False
@@ -638,6 +643,16 @@ def prepare_request(gw: Gateway, ex: Exchange, policy: Policy, headers: dict[str
             if entry.name == "cross_tenant":
                 gw.state.fingerprints.add(ex.tenant, det.fingerprints_for_request(ctx))  # type: ignore[attr-defined]
     return (orjson.dumps(body) if changed else raw_body), ctx
+
+
+async def _send(sent: _SendGuard, data: bytes, more: bool, deadline: float) -> None:
+    """Send body bytes; a client that stops reading makes this wait (back-pressure: nothing
+    more is pulled from the upstream meanwhile), but not past the stream's deadline."""
+    try:
+        async with asyncio.timeout(max(1.0, deadline - time.monotonic())):
+            await sent.body(data, more=more)
+    except TimeoutError:
+        raise ClientStalled from None
 
 
 async def _drain(it: Any, limit_bytes: int = 65536, timeout_seconds: float = 0.5) -> None:
