@@ -21,6 +21,7 @@ import orjson
 from detectors.base import RequestContext
 from detectors.canary import inject_canary
 from proxy import headers as hdrs
+from proxy.alerts import AlertEngine
 from proxy.config import LoadedConfig
 from proxy.errors import (
     BadRequest,
@@ -37,7 +38,7 @@ from proxy.pipeline import Flow, Policy, ResponsePipeline
 from proxy.relay import StreamRelay, _strip_logprobs, block_error, error_event, redact_body, scan_body, summary
 from proxy.routing import Router, Tenants
 from proxy.sse import LineTooLong, SSEParser
-from proxy.state import SharedState
+from proxy.state_redis import build_state
 from proxy.telemetry import Telemetry
 from proxy.upstream import Upstream
 
@@ -80,7 +81,8 @@ class Gateway:
                          for name in cfg.policies}
         self.upstreams: dict[str, Upstream] = {}
         self.telemetry = Telemetry(cfg, self.metrics)
-        self.state = SharedState(cfg)
+        self.state = build_state(cfg, self.metrics)
+        self.alerts = AlertEngine(cfg, self.metrics, self.state)
         self.in_flight = 0
         self.ready = False
         self.draining = False
@@ -88,12 +90,16 @@ class Gateway:
     async def startup(self) -> None:
         self.upstreams = {n: Upstream.build(n, u) for n, u in self.config.upstreams.items()}
         self.telemetry.start()
+        self.state.start()
+        self.alerts.start()
         self.ready = True
 
     async def shutdown(self) -> None:
         self.ready = False
         for up in self.upstreams.values():
             await up.aclose()
+        await self.alerts.stop()
+        await self.state.stop()
         await self.telemetry.stop()
 
 
@@ -192,6 +198,7 @@ class ProxyApp:
             ex.ended = time.perf_counter()
             _log_detector_errors(ex)
             gw.telemetry.finished(ex)
+            gw.alerts.observe(ex)
 
     async def _watch(self, receive: Receive, body_done: asyncio.Event, task: asyncio.Task[Any],
                      ex: Exchange, sent: _SendGuard) -> None:
@@ -444,7 +451,10 @@ class ProxyApp:
             try:
                 obj = orjson.loads(data)
             except orjson.JSONDecodeError:
-                obj = None
+                obj = _loads_repaired(data)
+                if obj is not None:  # invalid UTF-8 inside valid JSON: the client gets it repaired
+                    self.gw.metrics.stream_events.labels("invalid_utf8").inc()
+                    data = orjson.dumps(obj)
             if not isinstance(obj, dict):
                 ex.upstream_error = "protocol"
                 raise UpstreamError("upstream returned a body that is not a JSON object", code="upstream_protocol")
@@ -643,6 +653,18 @@ def prepare_request(gw: Gateway, ex: Exchange, policy: Policy, headers: dict[str
             if entry.name == "cross_tenant":
                 gw.state.fingerprints.add(ex.tenant, det.fingerprints_for_request(ctx))  # type: ignore[attr-defined]
     return (orjson.dumps(body) if changed else raw_body), ctx
+
+
+def _loads_repaired(data: bytes) -> Any:
+    """JSON whose only fault is invalid UTF-8, decoded with U+FFFD; None when still invalid."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        try:
+            return orjson.loads(data.decode("utf-8", "replace"))
+        except orjson.JSONDecodeError:
+            return None
+    return None
 
 
 async def _send(sent: _SendGuard, data: bytes, more: bool, deadline: float) -> None:
