@@ -55,6 +55,12 @@ def build_admin_app(gateway: Any, serve_metrics: bool = True, serve_admin: bool 
             require_admin(authorization)
             return {"incidents": gateway.telemetry.incidents.recent(limit)}
 
+        @app.get("/admin/alerts")
+        async def alerts(authorization: Annotated[str | None, Header()] = None,
+                         limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+            require_admin(authorization)
+            return {"active": gateway.alerts.active(), "history": gateway.alerts.history(limit)}
+
         @app.get("/admin/policies")
         async def policies(authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
             require_admin(authorization)

@@ -154,6 +154,9 @@ class StateConfig(_Strict):
     backend: Literal["memory", "redis"] = "memory"
     url: str | None = None
     key_prefix: str = "gapwatch:"
+    sync_interval_seconds: float = Field(default=1.0, gt=0)
+    operation_timeout_seconds: float = Field(default=0.5, gt=0)
+    replica_id: str | None = None
 
 
 class MetricsConfig(_Strict):
@@ -179,6 +182,13 @@ class AlertSinkConfig(_Strict):
     url: str | None = None
     secret_env: str | None = None
     routing_key_env: str | None = None
+    timeout_seconds: float = Field(default=5.0, gt=0)
+    max_retries: int = Field(default=5, ge=0, le=20)
+    backoff_seconds: float = Field(default=0.5, gt=0)
+    send_resolved: bool = True
+    headers: dict[str, str] = Field(default_factory=dict)
+    signature_header: str = "x-gapwatch-signature"
+    timestamp_header: str = "x-gapwatch-timestamp"
 
 
 class AlertRuleConfig(_Strict):
@@ -190,11 +200,24 @@ class AlertRuleConfig(_Strict):
     severity: Literal["info", "warning", "critical"] = "warning"
     adaptive: bool = False
     sigmas: float = 4.0
+    direction: Literal["above", "below", "both", "auto"] = "auto"
+    warmup_windows: int = Field(default=12, ge=1)
+    alpha: float = Field(default=0.1, gt=0, le=1)
+    relative_floor: float = Field(default=0.05, ge=0)
+    resolve_threshold: float | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
 
 
 class AlertsConfig(_Strict):
     sinks: list[AlertSinkConfig] = Field(default_factory=list)
     rules: list[AlertRuleConfig] = Field(default_factory=list)
+    default_rules: bool = True
+    renotify_interval_seconds: float = Field(default=14400.0, gt=0)
+    cooldown_seconds: float = Field(default=900.0, ge=0)
+    resend_interval_seconds: float = Field(default=60.0, gt=0)
+    evaluation_interval_seconds: float | None = Field(default=None, gt=0)
+    history_size: int = Field(default=200, ge=1)
+    queue_size: int = Field(default=1000, ge=1)
 
 
 class IncidentSinkConfig(_Strict):
@@ -362,8 +385,11 @@ def _check_references(cfg: Config, problems: list[str]) -> None:
     if cfg.state.backend == "redis" and not cfg.state.url:
         problems.append("state.url: the redis backend needs a url, e.g. redis://127.0.0.1:6379/0")
     for i, sink in enumerate(cfg.alerts.sinks):
-        if sink.type != "log" and not sink.url:
+        if sink.type not in ("log", "pagerduty") and not sink.url:
             problems.append(f"alerts.sinks[{i}].url: a {sink.type} sink needs a url")
+    from proxy.alerts import config_problems  # alerts imports config: import at use
+
+    problems.extend(config_problems(cfg))
 
 
 def load_dict(raw: Any, env: Mapping[str, str] | None = None, config_dir: str | None = None) -> LoadedConfig:

@@ -63,3 +63,10 @@ def test_tenant_policy_override(start_proxy, sim):
     reqs = httpx.get(f"{sim.url}/v1/sim/requests", params={"n": 2}).json()["data"]
     for r in reqs:
         assert not any(k.lower() == "authorization" for k, _ in r["headers"])
+
+
+def test_admin_alerts_endpoint(start_proxy, sim):
+    p = start_proxy(proxy_config(sim.url, server={"admin_token": "admin-secret-token"}))
+    assert httpx.get(f"{p.url}/admin/alerts").status_code == 401
+    got = httpx.get(f"{p.url}/admin/alerts", headers={"authorization": "Bearer admin-secret-token"}).json()
+    assert got == {"active": [], "history": []}

@@ -32,7 +32,7 @@ from proxy.alerts import (
     parse_duration,
     signal_value,
 )
-from proxy.config import PolicyConfig, load_dict
+from proxy.config import Config, ConfigError, PolicyConfig, load_dict
 from proxy.exchange import Exchange
 from proxy.metrics import Metrics
 from proxy.pipeline import Applied, Outcome, Policy
@@ -40,6 +40,12 @@ from proxy.state_redis import MemoryState, build_state
 from tests.conftest import metric_value
 
 POLICY = Policy.build("default", PolicyConfig(), ())
+
+
+def raw_config(**alerts: Any) -> Any:
+    """The validated models without the loader's cross-checks."""
+    return Config.model_validate({"upstreams": {"u": {"base_url": "http://127.0.0.1:9/v1"}},
+                                  "routes": [{"upstream": "u", "name": "chat"}], "alerts": alerts})
 
 
 def config(**alerts: Any) -> Any:
@@ -155,7 +161,11 @@ def test_rules_from_config() -> None:
 
 
 def test_config_problems() -> None:
-    cfg = config(rules=[{"name": "a", "signal": "findings.pii", "threshold": 0.01},
+    # the loader itself refuses such a config (with these lines); here the checks run alone
+    with pytest.raises(ConfigError) as ei:
+        config(rules=[{"name": "b", "signal": "latency", "threshold": 1}])
+    assert ei.value.problems[0].startswith("alerts.rules[0]: alerts rule 'b': unknown signal 'latency'")
+    cfg = raw_config(rules=[{"name": "a", "signal": "findings.pii", "threshold": 0.01},
                         {"name": "b", "signal": "latency", "threshold": 1},
                         {"name": "c", "signal": "block_rate", "threshold": 0.1, "window": "5 minutes"}],
                  sinks=[{"type": "log"}, {"type": "webhook", "url": "http://h/x", "secret_env": "NOPE_GW"}])
