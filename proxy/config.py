@@ -132,6 +132,12 @@ class DetectorEntry(_Strict):
         return Severity[self.min_severity]
 
 
+class ConsistencyConfig(_Strict):
+    enabled: bool = False
+    sample_rate: float = Field(default=0.05, ge=0, le=1)
+    max_in_flight: int = Field(default=8, ge=1)
+
+
 class PolicyConfig(_Strict):
     shadow: bool = False
     holdback_chars: int | Literal["auto"] = "auto"
@@ -140,6 +146,7 @@ class PolicyConfig(_Strict):
     incidents_for_observe: bool = False
     detector_budget_ms: float = Field(default=50.0, gt=0)
     request_logprobs: bool = False
+    consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
     detectors: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("holdback_chars")

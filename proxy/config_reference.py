@@ -135,6 +135,10 @@ DESCRIPTIONS: dict[str, str] = {
                                          "gapwatch in traces).",
     "telemetry.tracing.service_name": "The `service.name` resource attribute.",
     "alerts.sinks": "Where gapwatch's own alerts go.",
+    "policies.<name>.consistency.enabled": "Re-ask sampled temperature-0 non-streaming requests in the background "
+                                           "and compare the answers (costs tokens; off by default).",
+    "policies.<name>.consistency.sample_rate": "Fraction of eligible requests that are asked again.",
+    "policies.<name>.consistency.max_in_flight": "Background re-asks running at once; beyond it a sample is skipped.",
     "state.sync_interval_seconds": "How often a replica pulls other replicas' shared state from Redis.",
     "state.operation_timeout_seconds": "Timeout of one Redis operation; slower means Redis is down.",
     "state.replica_id": "This replica's name in shared state; default hostname:pid.",

@@ -281,6 +281,9 @@ class Metrics:
         self.stream_events = Counter(
             "gapwatch_stream_anomalies", "Malformed or unexpected upstream stream content (non-JSON data, "
             "events after [DONE], overlong lines).", ["kind"], registry=r)
+        self.consistency = Counter(
+            "gapwatch_consistency_checks", "Background re-asks of deterministic requests, by result "
+            "(agree, disagree, error, skipped).", ["route", "model", "result"], registry=r)
         self.telemetry_errors = Counter(
             "gapwatch_telemetry_errors", "Failures inside telemetry itself (span building, export set-up); "
             "the request is never affected.", ["component"], registry=r)

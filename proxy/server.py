@@ -23,6 +23,7 @@ from detectors.canary import inject_canary
 from proxy import headers as hdrs
 from proxy.alerts import AlertEngine
 from proxy.config import LoadedConfig
+from proxy.consistency import ConsistencyChecker, answer_of, eligible
 from proxy.errors import (
     BadRequest,
     BodyTooLarge,
@@ -83,6 +84,7 @@ class Gateway:
         self.telemetry = Telemetry(cfg, self.metrics)
         self.state = build_state(cfg, self.metrics)
         self.alerts = AlertEngine(cfg, self.metrics, self.state)
+        self.consistency = ConsistencyChecker(self.metrics)
         self.in_flight = 0
         self.ready = False
         self.draining = False
@@ -98,6 +100,7 @@ class Gateway:
         self.ready = False
         for up in self.upstreams.values():
             await up.aclose()
+        await self.consistency.stop()
         await self.alerts.stop()
         await self.state.stop()
         await self.telemetry.stop()
@@ -298,7 +301,8 @@ class ProxyApp:
         fwd["accept-encoding"] = "identity"
         url = upstream.url(ex.path, scope.get("query_string", b""))
 
-        use_detectors = ex.endpoint in DETECTED and body is not None and not policy.empty
+        use_detectors = (ex.endpoint in DETECTED and body is not None
+                         and (not policy.empty or policy.config.consistency.enabled))
         if not use_detectors:
             await self._passthrough(sent, ex, upstream, url, fwd, raw_body, scope["method"])
             return
@@ -474,6 +478,9 @@ class ProxyApp:
                 await sent.start(status, [*JSON_HEADERS, (b"x-request-id", ex.request_id.encode())])
                 await sent.body(orjson.dumps({"error": err}), more=False)
                 return
+            # the answer as the upstream gave it (before redaction), for the consistency re-ask
+            first_answer = answer_of(ex.endpoint, obj) if eligible(ex, policy.config.consistency,
+                                                                   self.gw.consistency.rng) else None
             if redact_body(ex.endpoint, obj, pl):
                 data = orjson.dumps(obj)
                 ex.outcome = "redacted"
@@ -484,6 +491,9 @@ class ProxyApp:
                 headers.append((b"x-gapwatch-findings", orjson.dumps(summary(notes))))
             await sent.start(resp.status_code, headers)
             await sent.body(data, more=False)
+            if first_answer is not None:  # after the client has its answer: never delays it
+                self.gw.consistency.schedule(ex, upstream, url, fwd, body_bytes, first_answer,
+                                             policy.config.consistency.max_in_flight)
             return
 
     async def _stream(self, sent: _SendGuard, ex: Exchange, upstream: Upstream, url: httpx.URL,
