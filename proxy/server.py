@@ -407,7 +407,8 @@ class ProxyApp:
     async def _next_chunk(self, ex: Exchange, upstream: Upstream, it: Any, first: bool,
                           deadline: float) -> bytes | None:
         cfg = upstream.config
-        budget = min(cfg.idle_timeout_seconds, deadline - time.monotonic())
+        remaining = deadline - time.monotonic()
+        budget = min(cfg.idle_timeout_seconds, remaining)
         if budget <= 0:
             ex.upstream_error = "max_duration"
             raise UpstreamTimeout(f"stream exceeded max_stream_duration_seconds "
@@ -419,7 +420,9 @@ class ProxyApp:
         except StopAsyncIteration:
             return None
         except TimeoutError:
-            if time.monotonic() >= deadline:
+            # which limit was binding decides, not a clock read: loop timers (uvloop: 1 ms
+            # resolution) can fire a hair before the deadline
+            if remaining <= cfg.idle_timeout_seconds:
                 ex.upstream_error = "max_duration"
                 raise UpstreamTimeout("stream exceeded max_stream_duration_seconds", code="stream_too_long") from None
             ex.upstream_error = "idle_timeout"
