@@ -135,11 +135,15 @@ NO_EQUIVALENT = [
     "drops every candidate without a letter, which is every IPv4 address.",
     "Presidio flags private and loopback IPs, which the set holds as hard negatives (not personal "
     "data); at the engine's default threshold 0 every phone-number candidate (score 0.4, no context "
-    "boost without spaCy) and weak SSN pattern (0.05-0.3) is kept.",
+    "boost without spaCy) and weak SSN pattern (score 0.05) is kept.",
 ]
 
 
 # -- venv handling (runs under the product's venv) --------------------------------------------
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def _in_peers_venv() -> bool:
@@ -161,9 +165,9 @@ def _ensure_peers_venv() -> Path | None:
     wanted = _wanted_stamp()
     if py.exists() and _STAMP.exists() and _STAMP.read_text().strip() == wanted:
         return py
-    print(f"bench_peers: installing Presidio and detect-secrets into {PEERS_VENV.relative_to(ROOT)} "
+    print(f"bench_peers: installing Presidio and detect-secrets into {_rel(PEERS_VENV)} "
           f"(bench only; the product's .venv is not touched; one-off, about a minute; log in "
-          f"{_INSTALL_LOG.relative_to(ROOT)})", flush=True)
+          f"{_rel(_INSTALL_LOG)})", flush=True)
     steps = [
         [sys.executable, "-m", "venv", str(PEERS_VENV)],
         [str(py), "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
@@ -184,7 +188,7 @@ def _ensure_peers_venv() -> Path | None:
             if proc.returncode != 0:
                 tail = _INSTALL_LOG.read_text(errors="replace").strip().splitlines()[-8:]
                 print(f"bench_peers: skipped: `{' '.join(cmd)}` exited {proc.returncode}; last lines of "
-                      f"{_INSTALL_LOG.relative_to(ROOT)}:")
+                      f"{_rel(_INSTALL_LOG)}:")
                 for line in tail:
                     print("    " + line)
                 return None
@@ -203,7 +207,7 @@ def _run_in_peers_venv() -> dict[str, float] | None:
         out = Path(tmp) / "headline.json"
         env = {**os.environ, _HEADLINE_ENV: str(out)}
         cmd = [str(py), "-m", "tests.bench.bench_peers"]
-        print(f"bench_peers: running under the peers venv: {' '.join([str(py.relative_to(ROOT)), *cmd[1:]])}",
+        print(f"bench_peers: running under the peers venv: {' '.join([_rel(py), *cmd[1:]])}",
               flush=True)
         sys.stdout.flush()
         try:
@@ -461,8 +465,7 @@ def _speed_table(tools: dict[str, Callable[[str], Found]], texts: list[str], cpu
 def _quality_table(per_tool: dict[str, dict[str, Any]], n_texts: int, headline: dict[str, float]) -> None:
     from tests.eval.leakage_eval import DATA
 
-    where = DATA.relative_to(ROOT) if DATA.is_relative_to(ROOT) else DATA
-    print(f"quality on the evaluation set ({n_texts} texts, {where}): precision recall F1")
+    print(f"quality on the evaluation set ({n_texts} texts, {_rel(DATA)}): precision recall F1")
     print(f"{'kind':14s} {'labels':>6s} | " + " | ".join(f"{t:^20s}" for t in TOOLS))
     print(f"{'':14s} {'':6s} | " + " | ".join(f"{'prec':>6s} {'recall':>6s} {'F1':>6s}" for _ in TOOLS))
     gw = per_tool["gapwatch"]
@@ -528,8 +531,7 @@ def _bench() -> dict[str, float]:
             "detect-secrets": ds.findings,
         }
         print("== peers: gapwatch pii+secrets vs Presidio pattern recognizers vs detect-secrets ==")
-        exe = Path(sys.executable)
-        print(f"interpreter: {exe.relative_to(ROOT) if exe.is_relative_to(ROOT) else exe} "
+        print(f"interpreter: {_rel(Path(sys.executable))} "
               f"(Python {platform.python_version()}); presidio-analyzer {_version('presidio-analyzer')}, "
               f"detect-secrets {_version('detect-secrets')}, phonenumbers {_version('phonenumbers')}, "
               f"python-stdnum {_version('python-stdnum')}")
