@@ -140,6 +140,7 @@ class Stats:
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     wrong_examples: list[str] = field(default_factory=list)
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (t since start, seconds)
+    done_at_warmup: int = 0
 
     def record_wrong(self, why: str) -> None:
         self.wrong += 1
@@ -286,6 +287,7 @@ class Soak:
             await asyncio.sleep(warmup)
             rss["after_warmup"] = self.rss_kib()
             self.stats.latencies.clear()
+            self.stats.done_at_warmup = self.stats.completed + self.stats.disconnects
             self.stats.started = time.monotonic()
             await asyncio.sleep(duration / 2)
             rss["middle"] = self.rss_kib()
@@ -319,8 +321,9 @@ class Soak:
         growth = (rss["end"] - rss["after_warmup"]) / rss["after_warmup"] if rss.get("after_warmup") else None
         return {
             "minutes": self.args.minutes, "concurrency": self.args.concurrency,
-            "requests_completed": s.completed, "early_disconnects": s.disconnects,
-            "rate_per_s": round((s.completed + s.disconnects) / max(1.0, time.monotonic() - s.started), 1),
+            "requests_completed": s.completed,  # including the warm-up "early_disconnects": s.disconnects,
+            "rate_per_s_after_warmup": round((s.completed + s.disconnects - s.done_at_warmup)
+                                             / max(1.0, time.monotonic() - s.started), 1),
             "wrongly_ended": s.wrong, "detector_acted": s.acted, "wrong_examples": s.wrong_examples,
             "by_kind": dict(sorted(s.by_kind.items())), "errors_by_kind": dict(sorted(s.errors.items())),
             "latency_slices": slices, "proxy_rss_kib": rss,
