@@ -29,6 +29,12 @@ test: $(STAMP) $(IAC)
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.run
 
+soak: $(STAMP)
+	$(BIN)/python -m tests.bench.soak
+
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.bench.fuzz_long
+
 lint: $(STAMP)
 	$(BIN)/ruff check proxy detectors tests
 

@@ -144,7 +144,7 @@ class PolicyConfig(_Strict):
     buffer: Literal["none", "full"] = "none"
     block_status: int = Field(default=400, ge=400, le=599)
     incidents_for_observe: bool = False
-    detector_budget_ms: float = Field(default=50.0, gt=0)
+    detector_budget_ms: float = Field(default=250.0, gt=0)
     request_logprobs: bool = False
     consistency: ConsistencyConfig = Field(default_factory=ConsistencyConfig)
     detectors: dict[str, Any] = Field(default_factory=dict)

@@ -85,9 +85,12 @@ class ChannelBuffer:
     up to its end is consumed, even past the hold-back line: nothing of the span leaks.
     """
 
-    __slots__ = ("emitted", "finished", "held", "late", "redactions", "released", "total")
+    __slots__ = ("emitted", "finished", "held", "keep_emitted", "late", "redactions", "released", "total")
 
-    def __init__(self) -> None:
+    def __init__(self, keep_emitted: bool = False) -> None:
+        # released text is only kept where the wire format repeats it whole at the end
+        # (Responses API `.done` events); elsewhere memory per response stays bounded
+        self.keep_emitted = keep_emitted
         self.held = ""  # text[released:total]
         self.released = 0
         self.total = 0
@@ -143,7 +146,8 @@ class ChannelBuffer:
         self.released = pos
         self.redactions = keep
         text = "".join(out)
-        self.emitted.append(text)
+        if self.keep_emitted:
+            self.emitted.append(text)
         return text
 
 
@@ -283,7 +287,7 @@ class ResponsePipeline:
         key = channel.key
         got = self.channels.get(key)
         if got is None:
-            got = (channel, ChannelBuffer())
+            got = (channel, ChannelBuffer(keep_emitted=self.ctx.endpoint == "responses"))
             self.channels[key] = got
         elif channel.tool_name and not got[0].tool_name:
             got = (channel, got[1])
