@@ -55,6 +55,7 @@ class ServerConfig(_Strict):
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     workers: int = Field(default=1, ge=1, le=64)
+    allow_anonymous: bool = False
 
     @field_validator("admin_token", mode="before")
     @classmethod
@@ -384,6 +385,10 @@ def _check_references(cfg: Config, problems: list[str]) -> None:
         if t.policy and t.policy not in policies:
             problems.append(f"tenants[{i}].policy: unknown policy '{t.policy}'")
     for name, up in cfg.upstreams.items():
+        if up.api_key_env and not cfg.tenants and not cfg.server.allow_anonymous:
+            problems.append(f"upstreams.{name}.api_key_env: with no tenants, any client that reaches the proxy "
+                            "would spend this key: configure tenants (proxy API keys), or set "
+                            "server.allow_anonymous: true if only trusted clients can reach it")
         if up.api_key_env and up.api_key_env not in os.environ:
             problems.append(f"upstreams.{name}.api_key_env: environment variable {up.api_key_env} is not set")
     for i, sink in enumerate(cfg.incidents.sinks):

@@ -139,6 +139,8 @@ DESCRIPTIONS: dict[str, str] = {
                                            "and compare the answers (costs tokens; off by default).",
     "policies.<name>.consistency.sample_rate": "Fraction of eligible requests that are asked again.",
     "policies.<name>.consistency.max_in_flight": "Background re-asks running at once; beyond it a sample is skipped.",
+    "server.allow_anonymous": "Allow requests without a proxy key while an upstream key is configured (no tenants): "
+                              "only where untrusted clients cannot reach the proxy.",
     "state.sync_interval_seconds": "How often a replica pulls other replicas' shared state from Redis.",
     "state.operation_timeout_seconds": "Timeout of one Redis operation; slower means Redis is down.",
     "state.replica_id": "This replica's name in shared state; default hostname:pid.",

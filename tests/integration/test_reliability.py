@@ -897,7 +897,8 @@ async def test_case_24_concurrent_interleaved_streams_same_findings(start_proxy,
 
 def test_case_25_header_allowlist_hop_by_hop_upstream_key_request_id(start_proxy, faults, monkeypatch):
     monkeypatch.setenv("GW_TEST_UPSTREAM_KEY", "sk-upstream-from-config")
-    p = start_proxy(cfg(faults, upstream={"api_key_env": "GW_TEST_UPSTREAM_KEY", "headers": {"x-config": "1"}}))
+    p = start_proxy(cfg(faults, upstream={"api_key_env": "GW_TEST_UPSTREAM_KEY", "headers": {"x-config": "1"}},
+                        server={"allow_anonymous": True}))
     tag = new_tag()
     sent = {
         "authorization": "Bearer sk-client-key", "api-key": "client-azure-key", "x-api-key": "client-x-key",

@@ -88,3 +88,13 @@ def test_check_config_cli(tmp_path):
     broken.write_text("routes: [\n")
     r = subprocess.run([sys.executable, "-m", "proxy.cli", "check-config", str(broken)], capture_output=True, text=True)
     assert r.returncode == 1 and "not valid YAML" in r.stderr
+
+
+def test_upstream_key_without_tenants_needs_explicit_anonymous():
+    raw = {**BASE, "upstreams": {"openai": {"base_url": "https://api.openai.com/v1", "api_key_env": "K"}}}
+    ps = problems(raw, {"K": "sk-x"})
+    assert any(p.startswith("upstreams.openai.api_key_env: with no tenants, any client") for p in ps)
+    import os
+    os.environ["K_FOR_TEST"] = "sk-x"
+    raw["upstreams"]["openai"]["api_key_env"] = "K_FOR_TEST"
+    load_dict({**raw, "server": {"allow_anonymous": True}}, {})
