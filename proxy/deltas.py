@@ -146,6 +146,8 @@ def chat_body(obj: dict[str, Any]) -> Extract:
         idx = ch.get("index", 0) if isinstance(ch.get("index", 0), int) else 0
         msg = ch.get("message") if isinstance(ch.get("message"), dict) else {}
         content = msg.get("content")
+        if not (isinstance(content, str) and content) and isinstance(msg.get("refusal"), str):
+            content = msg["refusal"]  # a refusal is output too (and may quote what it refuses)
         if isinstance(content, str) and content:
             ex.pieces.append((Channel(choice=idx), content))
             lp = _logprob_items(ch.get("logprobs"))

@@ -300,7 +300,10 @@ class ResponsePipeline:
         buf = self._buffer(channel)
         if not text:
             return
-        buf.append(text)
+        if self.policy.rewrites:
+            buf.append(text)
+        else:  # nothing is ever taken back out: count, do not keep (memory stays bounded)
+            buf.total += len(text)
         if self.flow is Flow.BLOCK:
             return
         self._feed_all(channel, text)

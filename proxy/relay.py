@@ -95,7 +95,8 @@ class StreamRelay:
         self.base: dict[str, Any] | None = None  # id/created/model of the first chunk
         self.anomalies: list[str] = []
         self._finished_choices: set[int] = set()
-        self._text_item: dict[str, Any] | None = None  # responses: last output_text.delta envelope
+        self._text_item: dict[str, Any] | None = None
+        self._refusal_choices: set[int] = set()  # choices whose text arrives as `refusal`
 
     # -- per event ---------------------------------------------------------------------------
 
@@ -297,7 +298,7 @@ class StreamRelay:
             delta: dict[str, Any] = {}
             text = "".join(t for ch, t in parts if ch.kind == "text")
             if text:
-                delta["content"] = text
+                delta["refusal" if idx in self._refusal_choices else "content"] = text
             tcs = [{"index": ch.tool_index, "function": {"arguments": t}} for ch, t in parts
                    if ch.kind == "tool_call"]
             if tcs:
@@ -346,12 +347,19 @@ class StreamRelay:
             if not isinstance(delta, dict):
                 keep_event = True
                 continue
-            if set(delta) - {"content", "tool_calls"} or ch.get("logprobs"):
-                keep_event = True
-            if isinstance(delta.get("content"), str) and delta["content"]:
-                delta["content"] = "" if finishing else pl.take(Channel(choice=idx))
+            if ch.get("logprobs") is not None:
+                # logprobs carry the raw tokens: they would reveal held or redacted text
+                ch["logprobs"] = None
                 changed_any = True
-                keep_event = keep_event or bool(delta["content"])
+            if set(delta) - {"content", "tool_calls", "refusal"}:
+                keep_event = True
+            for field_name in ("content", "refusal"):
+                if isinstance(delta.get(field_name), str) and delta[field_name]:
+                    delta[field_name] = "" if finishing else pl.take(Channel(choice=idx))
+                    if field_name == "refusal":
+                        self._refusal_choices.add(idx)
+                    changed_any = True
+                    keep_event = keep_event or bool(delta[field_name])
             tcs = delta.get("tool_calls")
             if isinstance(tcs, list):
                 for tc in tcs:
@@ -380,7 +388,7 @@ class StreamRelay:
         if t == "response.output_text.delta":
             self._text_item = {k: obj.get(k) for k in ("type", "item_id", "output_index", "content_index")}
             obj["delta"] = pl.take(Channel())
-            obj.pop("logprobs", None) if not obj["delta"] else None
+            obj.pop("logprobs", None)  # raw tokens would reveal held or redacted text
             return name + b"data: " + orjson.dumps(obj) + b"\n\n" if obj["delta"] else b""
         if t == "response.function_call_arguments.delta":
             oi = obj.get("output_index", 0)
@@ -502,8 +510,12 @@ def redact_body(endpoint: str, obj: dict[str, Any], pl: ResponsePipeline) -> boo
                 msg = choice.get("message")
                 if not isinstance(msg, dict):
                     continue
+                choice["logprobs"] = None  # raw tokens would reveal the redacted text
                 if ch.kind == "text":
-                    msg["content"] = new
+                    if isinstance(msg.get("refusal"), str) and not isinstance(msg.get("content"), str):
+                        msg["refusal"] = new
+                    else:
+                        msg["content"] = new
                 else:
                     tcs = deltas.items(msg.get("tool_calls"))
                     if ch.tool_index is not None and ch.tool_index < len(tcs):

@@ -122,3 +122,20 @@ def test_observe_only_is_byte_identical(text, cuts):
     assert policy.holdback_chars == 0 and not policy.rewrites
     client_bytes, _ = relay(policy, stream, [7])
     assert client_bytes == stream
+
+
+def test_logprobs_and_refusal_do_not_reveal_redacted_text():
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    out = bytearray()
+    for piece in ("I refuse: TOPSEC", "RET-7f3a9c is secret", " end"):
+        lp = {"content": [{"token": piece, "logprob": -0.1, "bytes": None, "top_logprobs": []}]}
+        out += b"data: " + orjson.dumps({**base, "choices": [{"index": 0, "delta": {"refusal": piece},
+                                                              "logprobs": lp, "finish_reason": None}]}) + b"\n\n"
+    out += b"data: " + orjson.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    out += b"\n\ndata: [DONE]\n\n"
+    client_bytes, _ = relay(build_policy("redact"), bytes(out), [40])
+    assert b"TOPSEC" not in client_bytes and b"7f3a9c" not in client_bytes
+    refusal = "".join(orjson.loads(ev.data)["choices"][0]["delta"].get("refusal") or ""
+                      for ev in SSEParser().feed(client_bytes) if ev.data and ev.data != "[DONE]"
+                      and orjson.loads(ev.data).get("choices"))
+    assert refusal == "I refuse: [REDACTED:secret] is secret end"
