@@ -60,8 +60,9 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
 
-class ClientGone(Exception):
-    """The client disconnected; the request task is cancelled."""
+class ResponseAborted(Exception):
+    """A non-streaming body failed after its headers went out: the connection is dropped so
+    the client sees a truncated response rather than a complete, corrupt one."""
 
 
 class ClientStalled(Exception):
@@ -98,9 +99,9 @@ class Gateway:
 
     async def shutdown(self) -> None:
         self.ready = False
+        await self.consistency.stop()  # before the clients it uses are closed
         for up in self.upstreams.values():
             await up.aclose()
-        await self.consistency.stop()
         await self.alerts.stop()
         await self.state.stop()
         await self.telemetry.stop()
@@ -185,6 +186,10 @@ class ProxyApp:
             if not sent.started:
                 await _send_error(sent, err, ex.request_id)
             elif not sent.finished:
+                if not ex.stream:
+                    # a body cut short must look cut short: no SSE event inside JSON, no clean end;
+                    # the server drops the connection
+                    raise ResponseAborted(err.message) from None
                 await sent.body(error_event(ex.endpoint, err.message, err.code or "error"), more=False)
         except Exception:
             log.exception("internal error handling request %s", ex.request_id)
@@ -520,7 +525,8 @@ class ProxyApp:
                                       can_retry=buffered and attempt + 1 < max_attempts)
                 ex.outcomes.append(pl.outcome)
                 relay = StreamRelay(ex, pl, policy.rewrites)
-                retry = await self._relay(sent, ex, upstream, resp, relay, buffered)
+                retry = await self._relay(sent, ex, upstream, resp, relay, buffered,
+                                          _resp_headers(resp, ex.request_id))
             finally:
                 await resp.aclose()
             if retry:

@@ -900,7 +900,10 @@ _POST_ENDPOINTS = {
     "/v1/embeddings": "embeddings",
 }
 
-_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+# what OpenAI sends on every answer, so tests can check the proxy passes them on
+_PROVIDER_HEADERS = [(b"openai-processing-ms", b"12"), (b"x-ratelimit-remaining-requests", b"9999")]
+_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                *_PROVIDER_HEADERS]
 
 
 def _validate(endpoint: str, body: dict[str, Any]) -> None:
@@ -956,6 +959,8 @@ async def _send_json(
     extra_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     headers = [(b"content-type", b"application/json"), (b"x-request-id", _rid("req_", 16).encode())]
+    if status < 400:
+        headers += _PROVIDER_HEADERS
     if compress:
         body = gzip.compress(body, compresslevel=5, mtime=0)
         headers.append((b"content-encoding", b"gzip"))

@@ -200,3 +200,14 @@ def test_zero_config_serve_subprocess(sim):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_stream_with_detectors_keeps_upstream_headers(start_proxy, sim):
+    p = start_proxy(policy(sim, {"regex": {"action": "redact", "patterns": {"x": "zzz"}}}))
+    r = httpx.post(f"{p.base_url}/chat/completions", headers=out("hello"),
+                   json={"model": "sim-echo", "stream": True, "messages": [{"role": "user", "content": "q"}]})
+    direct = httpx.post(f"{sim.url}/v1/chat/completions", headers=out("hello"),
+                        json={"model": "sim-echo", "stream": True, "messages": [{"role": "user", "content": "q"}]})
+    for h in ("openai-processing-ms", "x-ratelimit-remaining-requests"):
+        assert r.headers[h] == direct.headers[h]
+    assert r.headers["content-type"].startswith("text/event-stream")
