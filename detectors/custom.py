@@ -123,6 +123,15 @@ class _RegexState(ChannelState):
 RegexConfig.detector_class = RegexDetector
 
 
+def _fold_keep_length(text: str) -> str:
+    """Case folding that keeps offsets: characters whose folding changes length ("ß" -> "ss")
+    are only lower-cased, so spans found in the folded text are spans of the original."""
+    folded = text.casefold()
+    if len(folded) == len(text):
+        return folded
+    return "".join(f if len(f := c.casefold()) == 1 else c.lower() for c in text)
+
+
 class BannedSubstringsConfig(DetectorConfig):
     """Literal substrings (case-insensitive by default) that must not appear in output."""
 
@@ -145,7 +154,7 @@ class BannedSubstringsDetector(Detector):
 
     def __init__(self, config: BannedSubstringsConfig) -> None:
         super().__init__(config)
-        self._fold = (lambda s: s) if config.case_sensitive else str.casefold
+        self._fold = (lambda s: s) if config.case_sensitive else _fold_keep_length
         self._automaton = ahocorasick.Automaton()
         for i, sub in enumerate(config.substrings):
             key = self._fold(sub)
@@ -179,8 +188,6 @@ class _SubstringState(ChannelState):
         det = self._det
         buf = self._tail + text
         folded = det._fold(buf)
-        if len(folded) != len(buf):  # rare: folding changed lengths; fall back to exact
-            folded = buf
         out: list[Finding] = []
         old = len(self._tail)
         for end_idx, (i, n) in det._automaton.iter(folded):
@@ -211,6 +218,12 @@ class MaxOutputCharsConfig(DetectorConfig):
 
     max_chars: int = Field(ge=1)
     severity: SeverityName = "medium"
+
+    @field_validator("severity")
+    @classmethod
+    def _sev(cls, v: str) -> str:
+        _severity(v)
+        return v
 
     detector_class: ClassVar[type[Detector]]
 

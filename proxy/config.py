@@ -88,6 +88,13 @@ class UpstreamConfig(_Strict):
     def _auth(cls, v: str) -> str:
         return v.lower()
 
+    @field_validator("headers")
+    @classmethod
+    def _lower_headers(cls, v: dict[str, str]) -> dict[str, str]:
+        # header names are case-insensitive: one spelling, so a configured header replaces the
+        # client's instead of going out next to it
+        return {k.lower(): val for k, val in v.items()}
+
 
 class RouteMatch(_Strict):
     model: str = "*"

@@ -92,7 +92,9 @@ class ConsistencyChecker:
                 obj = orjson.loads(resp.content)
                 if isinstance(obj, dict):
                     result = "agree" if agree(first, answer_of(ex.endpoint, obj)) else "disagree"
-        except (httpx.HTTPError, TimeoutError, orjson.JSONDecodeError) as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a background check must never escape its task
             log.debug("consistency re-ask failed: %s", type(exc).__name__)
         self._metrics.consistency.labels(ex.route, ex.model_label, result).inc()
 

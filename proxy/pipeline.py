@@ -224,7 +224,11 @@ class ResponsePipeline:
         for i, (entry, _det, state) in enumerate(self._states):
             if state is None:
                 continue
+            errors_before = len(self.outcome.detector_errors)
             found = self._guard(entry, lambda s=state: call(s))
+            if len(self.outcome.detector_errors) > errors_before:
+                self._states[i] = (entry, _det, None)  # it raised: not called again
+                continue
             if self._over_budget(entry):
                 self._detector_failed(entry, "time_budget_exceeded")
                 self._states[i] = (entry, _det, None)

@@ -22,7 +22,7 @@ from detectors.base import RequestContext
 from detectors.canary import inject_canary
 from proxy import headers as hdrs
 from proxy.alerts import AlertEngine
-from proxy.config import LoadedConfig
+from proxy.config import LoadedConfig, glob_match
 from proxy.consistency import ConsistencyChecker, answer_of, eligible
 from proxy.errors import (
     BadRequest,
@@ -619,7 +619,9 @@ class ProxyApp:
         gw = self.gw
         seen: dict[str, dict[str, Any]] = {}
         for name, up in gw.upstreams.items():
-            patterns = [r.match.model for r in gw.config.routes if r.upstream == name]
+            patterns = [r.match.model for r in gw.config.routes if r.upstream == name
+                        and (r.match.tenant is None or (ex.tenant is not None
+                                                        and glob_match(r.match.tenant, ex.tenant)))]
             if not patterns:
                 continue
             fwd = up.auth_headers(client_auth, gw.tenants.enabled) | dict(up.config.headers)
@@ -629,7 +631,6 @@ class ProxyApp:
                 data = resp.json().get("data", []) if resp.status_code == 200 else []
             except (httpx.HTTPError, TimeoutError, ValueError, AttributeError):
                 data = []
-            from proxy.config import glob_match
             for m in data:
                 mid = m.get("id") if isinstance(m, dict) else None
                 if isinstance(mid, str) and any(glob_match(p, mid) for p in patterns):

@@ -38,3 +38,10 @@ def test_optional_tail_is_chunking_independent():
     for sizes in ([len(text)], [1] * len(text), [4, 1, 1, 1, 1, 20]):
         found = run(det, RequestContext(), text, sizes)
         assert [text[f.span[0]:f.span[1]] for f in found] == ["abcdef", "abc"], sizes
+
+
+def test_banned_substrings_survive_length_changing_case_folds():
+    det = BannedSubstringsConfig(substrings=["project falcon"]).build()
+    text = "Straße: Project FALCON launches"
+    found = run(det, RequestContext(), text)
+    assert [text[f.span[0]:f.span[1]] for f in found] == ["Project FALCON"]
