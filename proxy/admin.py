@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Query
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.errors import Forbidden, ProxyError, Unauthorized
 
@@ -71,7 +71,3 @@ def build_admin_app(gateway: Any, serve_metrics: bool = True, serve_admin: bool 
                 for name, p in gateway.policies.items()}}
 
     return app
-
-
-def metrics_payload(registry: Any) -> bytes:
-    return generate_latest(registry)

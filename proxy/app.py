@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import generate_latest
-
 from proxy.admin import build_admin_app
 from proxy.config import LoadedConfig, load
 from proxy.metrics import Metrics
@@ -16,7 +14,6 @@ from proxy.server import Gateway, ProxyApp
 def create_app(loaded: LoadedConfig, metrics: Metrics | None = None,
                separate_admin: bool = False) -> ProxyApp:
     gw = Gateway(loaded, metrics)
-    gw.metrics_payload = lambda: generate_latest(gw.metrics.registry)  # type: ignore[attr-defined]
     admin = build_admin_app(gw, serve_metrics=not separate_admin, serve_admin=not separate_admin)
     return ProxyApp(gw, admin)
 

@@ -67,7 +67,15 @@ def _serve(args: argparse.Namespace) -> int:
             s.should_exit = True
 
     async def main() -> None:
-        servers.append(uvicorn.Server(uvicorn.Config(app, host=host, port=port, **common)))
+        class DrainingServer(uvicorn.Server):
+            """Marks the gateway as draining on SIGTERM, so /readyz (on the metrics listener
+            too) answers 503 while in-flight streams finish."""
+
+            def handle_exit(self, sig: int, frame: object) -> None:
+                app.gw.draining = True
+                super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+        servers.append(DrainingServer(uvicorn.Config(app, host=host, port=port, **common)))
         if separate:
             from proxy.admin import build_admin_app
             admin = build_admin_app(app.gw)

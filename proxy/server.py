@@ -570,6 +570,8 @@ class ProxyApp:
                         held += out
                     else:
                         await _send(sent, bytes(out), True, deadline)
+                if buffered and relay.pipeline is not None and relay.pipeline.flow is Flow.RETRY:
+                    return True  # this answer is discarded: stop reading (and paying for) it
             if not relay.done:
                 for ev in parser.flush():
                     held_or_send = relay.on_event(ev, time.perf_counter())
@@ -744,9 +746,9 @@ def _retry_body(raw_body: bytes, pl: ResponsePipeline, ex: Exchange) -> bytes:
     as a system note (chat only); otherwise the identical request."""
     guidance = [a.finding.message for a in pl.outcome.retry_by
                 if any(e.retry_guidance and e.name == a.finding.detector for e in pl.policy.entries)]
-    if not guidance or ex.endpoint != "chat" or ex.body is None:
+    if not guidance or ex.endpoint != "chat":
         return raw_body
-    body = dict(ex.body)
+    body = orjson.loads(raw_body)  # the body as sent upstream (canary, requested logprobs kept)
     note = ("Your previous answer was rejected: " + "; ".join(guidance[:5])
             + ". Answer again and follow the required format exactly.")
     body["messages"] = [*body.get("messages", []), {"role": "system", "content": note}]
