@@ -165,23 +165,29 @@ def chat_body(obj: dict[str, Any]) -> Extract:
     return ex
 
 
+def responses_text_channel(output_index: Any) -> Channel:
+    """The text channel of one Responses API message item."""
+    return Channel(choice=output_index if isinstance(output_index, int) and output_index >= 0 else 0)
+
+
 def responses_event(obj: dict[str, Any], tools: ToolNames) -> Extract:
-    """One Responses API stream event. Output items map to channels by ``output_index``:
-    message text is choice 0's text channel (several message items append to it), function
-    calls are tool channels indexed by output_index."""
+    """One Responses API stream event. Output items map to channels by ``output_index``: a
+    message item's text is the text channel ``choice=output_index`` (each item is judged and
+    held on its own), function calls are tool channels indexed by output_index."""
     ex = Extract()
     t = obj.get("type")
     if t == "response.output_text.delta" or t == "response.refusal.delta":
         d = obj.get("delta")
         if isinstance(d, str) and d:
-            ex.pieces.append((Channel(), d))
+            text_ch = responses_text_channel(obj.get("output_index"))
+            ex.pieces.append((text_ch, d))
             lp = obj.get("logprobs")
             if isinstance(lp, list):
                 items = [(x["token"], float(x["logprob"])) for x in lp
                          if isinstance(x, dict) and isinstance(x.get("token"), str)
                          and isinstance(x.get("logprob"), int | float)]
                 if items:
-                    ex.logprobs.append((Channel(), items))
+                    ex.logprobs.append((text_ch, items))
     elif t == "response.output_item.added":
         item = obj.get("item") if isinstance(obj.get("item"), dict) else {}
         if item.get("type") == "function_call":
@@ -215,22 +221,22 @@ def responses_body(obj: dict[str, Any]) -> Extract:
     ex.response_id = obj.get("id") if isinstance(obj.get("id"), str) else None
     if isinstance(obj.get("usage"), dict):
         ex.usage = obj["usage"]
-    text_parts: list[str] = []
     for oi, item in enumerate(items(obj.get("output"))):
         if not isinstance(item, dict):
             continue
         if item.get("type") == "message":
+            text_parts: list[str] = []
             for part in items(item.get("content")):
                 if isinstance(part, dict) and part.get("type") in ("output_text", "refusal"):
                     s = part.get("text") if part.get("type") == "output_text" else part.get("refusal")
                     if isinstance(s, str):
                         text_parts.append(s)
+            if text_parts:
+                ex.pieces.append((responses_text_channel(oi), "".join(text_parts)))
         elif item.get("type") == "function_call":
             args = item.get("arguments") if isinstance(item.get("arguments"), str) else ""
             name = item.get("name") if isinstance(item.get("name"), str) else None
             ex.pieces.append((Channel(kind="tool_call", tool_index=oi, tool_name=name), args))
-    if text_parts:
-        ex.pieces.insert(0, (Channel(), "".join(text_parts)))
     status = obj.get("status")
     ex.finished.append((0, "length" if status == "incomplete" else "stop"))
     return ex

@@ -95,7 +95,7 @@ class StreamRelay:
         self.base: dict[str, Any] | None = None  # id/created/model of the first chunk
         self.anomalies: list[str] = []
         self._finished_choices: set[int] = set()
-        self._text_item: dict[str, Any] | None = None
+        self._text_items: dict[int, dict[str, Any]] = {}  # responses: delta envelope per item
         self._refusal_choices: set[int] = set()  # choices whose text arrives as `refusal`
 
     # -- per event ---------------------------------------------------------------------------
@@ -284,8 +284,9 @@ class StreamRelay:
                     ev = {"type": "response.function_call_arguments.delta", "output_index": ch.tool_index,
                           "item_id": "", "delta": text}
                 else:
-                    env = dict(self._text_item or {"type": "response.output_text.delta", "item_id": "",
-                                                   "output_index": 0, "content_index": 0})
+                    env = dict(self._text_items.get(ch.choice) or {
+                        "type": "response.output_text.delta", "item_id": "", "output_index": ch.choice,
+                        "content_index": 0})
                     env["delta"] = text
                     env.pop("logprobs", None)
                     ev = env
@@ -386,8 +387,10 @@ class StreamRelay:
         t = obj.get("type")
         name = b"event: " + str(t).encode() + b"\n" if ev.event else b""
         if t == "response.output_text.delta":
-            self._text_item = {k: obj.get(k) for k in ("type", "item_id", "output_index", "content_index")}
-            obj["delta"] = pl.take(Channel())
+            text_ch = deltas.responses_text_channel(obj.get("output_index"))
+            self._text_items[text_ch.choice] = {k: obj.get(k) for k in
+                                                ("type", "item_id", "output_index", "content_index")}
+            obj["delta"] = pl.take(text_ch)
             obj.pop("logprobs", None)  # raw tokens would reveal held or redacted text
             return name + b"data: " + orjson.dumps(obj) + b"\n\n" if obj["delta"] else b""
         if t == "response.function_call_arguments.delta":
@@ -396,13 +399,14 @@ class StreamRelay:
             return name + b"data: " + orjson.dumps(obj) + b"\n\n" if obj["delta"] else b""
         prefix = b""
         if t == "response.output_text.done":
-            pl.finish_channel(Channel(), StreamEnd(finish_reason="stop"))
+            text_ch = deltas.responses_text_channel(obj.get("output_index"))
+            pl.finish_channel(text_ch, StreamEnd(finish_reason="stop"))
             if pl.flow is Flow.BLOCK:
                 return self._block()
-            rest = pl.take(Channel(), final=True)
+            rest = pl.take(text_ch, final=True)
             if rest:
-                prefix = self._synthetic(0, [(Channel(), rest)], "responses")
-            obj["text"] = pl.emitted_text(Channel())
+                prefix = self._synthetic(0, [(text_ch, rest)], "responses")
+            obj["text"] = pl.emitted_text(text_ch)
         elif t == "response.function_call_arguments.done":
             oi = obj.get("output_index", 0)
             chan = self.tools.channel(0, oi if isinstance(oi, int) else 0, None)
@@ -416,7 +420,7 @@ class StreamRelay:
         elif t == "response.content_part.done":
             part = obj.get("part")
             if isinstance(part, dict) and isinstance(part.get("text"), str):
-                part["text"] = pl.emitted_text(Channel())
+                part["text"] = pl.emitted_text(deltas.responses_text_channel(obj.get("output_index")))
         elif t == "response.output_item.done":
             _fix_output_item(obj.get("item"), pl, self.tools, obj.get("output_index"))
         elif t in ("response.completed", "response.incomplete", "response.failed"):
@@ -465,7 +469,7 @@ def _fix_output_item(item: Any, pl: ResponsePipeline, tools: deltas.ToolNames, o
     if item.get("type") == "message":
         for part in deltas.items(item.get("content")):
             if isinstance(part, dict) and isinstance(part.get("text"), str):
-                part["text"] = pl.emitted_text(Channel())
+                part["text"] = pl.emitted_text(deltas.responses_text_channel(oi))
     elif item.get("type") == "function_call" and isinstance(oi, int):
         item["arguments"] = pl.emitted_text(tools.channel(0, oi, None))
 
@@ -532,14 +536,11 @@ def redact_body(endpoint: str, obj: dict[str, Any], pl: ResponsePipeline) -> boo
             if ch.kind == "tool_call" and ch.tool_index is not None and ch.tool_index < len(output):
                 if isinstance(output[ch.tool_index], dict):
                     output[ch.tool_index]["arguments"] = new
-            elif ch.kind == "text":
-                first = True
-                for item in output:
-                    if isinstance(item, dict) and item.get("type") == "message":
-                        for part in deltas.items(item.get("content")):
-                            if isinstance(part, dict) and part.get("type") == "output_text":
-                                part["text"] = new if first else ""
-                                first = False
-                if "output_text" in obj:
-                    obj["output_text"] = new
+            elif ch.kind == "text" and ch.choice < len(output) and isinstance(output[ch.choice], dict):
+                first = True  # the item's parts were judged joined: the redacted text goes in the first
+                for part in deltas.items(output[ch.choice].get("content")):
+                    if isinstance(part, dict) and part.get("type") == "output_text":
+                        part["text"] = new if first else ""
+                        first = False
+                obj.pop("output_text", None)  # a convenience copy; the SDK rebuilds it from output
     return changed

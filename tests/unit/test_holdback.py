@@ -139,3 +139,29 @@ def test_logprobs_and_refusal_do_not_reveal_redacted_text():
                       for ev in SSEParser().feed(client_bytes) if ev.data and ev.data != "[DONE]"
                       and orjson.loads(ev.data).get("choices"))
     assert refusal == "I refuse: [REDACTED:secret] is secret end"
+
+
+def test_responses_api_each_message_item_is_held_and_redacted():
+    def ev(obj):
+        return b"event: " + obj["type"].encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+    out = bytearray()
+    for oi in (0, 1):
+        for piece in ("first TOPSEC", "RET-7f3a9c done"):
+            out += ev({"type": "response.output_text.delta", "item_id": f"m{oi}", "output_index": oi,
+                       "content_index": 0, "delta": piece})
+        out += ev({"type": "response.output_text.done", "item_id": f"m{oi}", "output_index": oi,
+                   "content_index": 0, "text": "first " + SECRET + " done"})
+    out += ev({"type": "response.completed", "response": {"id": "r", "output": [
+        {"type": "message", "content": [{"type": "output_text", "text": "first " + SECRET + " done"}]},
+        {"type": "message", "content": [{"type": "output_text", "text": "first " + SECRET + " done"}]}]}})
+    ex = Exchange(request_id="r", method="POST", path="/v1/responses", endpoint="responses")
+    policy = build_policy("redact")
+    r = StreamRelay(ex, ResponsePipeline(policy, RequestContext(endpoint="responses")), policy.rewrites)
+    client = bytearray()
+    for e in SSEParser().feed(bytes(out)):
+        client += r.on_event(e, 0.0)
+    assert b"TOPSEC" not in client and b"7f3a9c" not in client
+    done = [orjson.loads(e.data) for e in SSEParser().feed(bytes(client)) if e.data]
+    texts = [d["text"] for d in done if d["type"] == "response.output_text.done"]
+    assert texts == ["first [REDACTED:secret] done"] * 2
