@@ -70,6 +70,66 @@ class ClientStalled(Exception):
     (``max_stream_duration_seconds``): the request ends without another byte."""
 
 
+class StreamTimer:
+    """The idle and total time limits of one stream, with one timer for the whole stream.
+
+    An ``asyncio.timeout`` around every upstream read and every client write cost a timer
+    handle and a context manager per chunk (about a sixth of the proxy's CPU per stream).
+    Here the hot path only records when a read started; one timer checks the limits and, when
+    one is exceeded, cancels the request task. The awaiting read or write turns that
+    cancellation into the right error (``fired`` says which limit)."""
+
+    __slots__ = ("_handle", "deadline", "fired", "idle", "loop", "mark", "reading", "task")
+
+    def __init__(self, idle_seconds: float, max_seconds: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        now = self.loop.time()
+        self.idle = idle_seconds
+        self.deadline = now + max_seconds
+        self.mark = now  # when the current (or last) read started
+        self.reading = False
+        self.fired: str | None = None  # "idle" | "max_duration" once a limit was hit
+        self._handle: asyncio.TimerHandle | None = self.loop.call_at(min(now + idle_seconds, self.deadline),
+                                                                     self._check)
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        # 1 ms slack: loop timers (uvloop) have millisecond resolution and may fire a hair early
+        if now >= self.deadline - 0.001:
+            self.fired = "max_duration"
+        elif self.reading and now - self.mark >= self.idle - 0.001:
+            self.fired = "idle"
+        else:
+            base = self.mark if self.reading else now
+            self._handle = self.loop.call_at(min(base + self.idle, self.deadline), self._check)
+            return
+        self._handle = None
+        self.task.cancel()
+
+    def claim(self) -> str | None:
+        """After a CancelledError: the limit that caused it (the cancellation is then
+        consumed), or None when it came from elsewhere (the client went away)."""
+        if self.fired is None:
+            return None
+        self.task.uncancel()
+        return self.fired
+
+    def remaining(self) -> float:
+        return self.deadline - self.loop.time()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+
 class Gateway:
     """Owns the configured runtime objects, built once at start-up."""
 
@@ -396,38 +456,38 @@ class ProxyApp:
             raw = hdrs.undecodable_encoding(resp.headers) is not None
             it = (resp.aiter_raw() if raw else resp.aiter_bytes()).__aiter__()
             await sent.start(resp.status_code, headers)
-            deadline = time.monotonic() + upstream.config.max_stream_duration_seconds
-            first = True
-            while True:
-                chunk = await self._next_chunk(ex, upstream, it, first, deadline)
-                if chunk is None:
-                    break
-                first = False
-                await _send(sent, chunk, True, deadline)
-            await _send(sent, b"", False, deadline)
+            timer = StreamTimer(upstream.config.idle_timeout_seconds, upstream.config.max_stream_duration_seconds)
+            try:
+                while True:
+                    chunk = await self._next_chunk(ex, upstream, it, timer)
+                    if chunk is None:
+                        break
+                    await _send(sent, chunk, True, timer)
+            finally:
+                timer.close()
+            await _send(sent, b"", False, timer)
         finally:
             ex.upstream_ended = ex.upstream_ended or time.perf_counter()
             await resp.aclose()
 
-    async def _next_chunk(self, ex: Exchange, upstream: Upstream, it: Any, first: bool,
-                          deadline: float) -> bytes | None:
+    async def _next_chunk(self, ex: Exchange, upstream: Upstream, it: Any, timer: StreamTimer) -> bytes | None:
         cfg = upstream.config
-        remaining = deadline - time.monotonic()
-        budget = min(cfg.idle_timeout_seconds, remaining)
-        if budget <= 0:
+        if timer.remaining() <= 0:
             ex.upstream_error = "max_duration"
             raise UpstreamTimeout(f"stream exceeded max_stream_duration_seconds "
                                   f"({cfg.max_stream_duration_seconds:g}s)", code="stream_too_long")
         t0 = time.perf_counter()
+        timer.mark = timer.loop.time()
+        timer.reading = True
         try:
-            async with asyncio.timeout(budget):
-                return await it.__anext__()
+            return await it.__anext__()
         except StopAsyncIteration:
             return None
-        except TimeoutError:
-            # which limit was binding decides, not a clock read: loop timers (uvloop: 1 ms
-            # resolution) can fire a hair before the deadline
-            if remaining <= cfg.idle_timeout_seconds:
+        except asyncio.CancelledError:
+            limit = timer.claim()
+            if limit is None:
+                raise
+            if limit == "max_duration":
                 ex.upstream_error = "max_duration"
                 raise UpstreamTimeout("stream exceeded max_stream_duration_seconds", code="stream_too_long") from None
             ex.upstream_error = "idle_timeout"
@@ -438,8 +498,8 @@ class ProxyApp:
             raise UpstreamError(f"upstream '{upstream.name}' broke off the stream ({type(exc).__name__})",
                                 code="upstream_reset") from None
         finally:
-            dt = time.perf_counter() - t0
-            ex.upstream_wait += dt
+            timer.reading = False
+            ex.upstream_wait += time.perf_counter() - t0
 
     async def _unary(self, sent: _SendGuard, ex: Exchange, upstream: Upstream, url: httpx.URL,
                      fwd: dict[str, str], raw_body: bytes, policy: Policy, ctx: RequestContext) -> None:
@@ -545,15 +605,13 @@ class ProxyApp:
         if not buffered and not sent.started:
             await sent.start(200, headers)
         held = bytearray()
-        deadline = time.monotonic() + upstream.config.max_stream_duration_seconds
+        timer = StreamTimer(upstream.config.idle_timeout_seconds, upstream.config.max_stream_duration_seconds)
         it = resp.aiter_bytes().__aiter__()
-        first = True
         try:
             while not relay.done:
-                chunk = await self._next_chunk(ex, upstream, it, first, deadline)
+                chunk = await self._next_chunk(ex, upstream, it, timer)
                 if chunk is None:
                     break
-                first = False
                 now = time.perf_counter()
                 try:
                     events = parser.feed(chunk)
@@ -569,9 +627,10 @@ class ProxyApp:
                     if buffered:
                         held += out
                     else:
-                        await _send(sent, bytes(out), True, deadline)
+                        await _send(sent, bytes(out), True, timer)
                 if buffered and relay.pipeline is not None and relay.pipeline.flow is Flow.RETRY:
                     return True  # this answer is discarded: stop reading (and paying for) it
+            timer.close()  # the rest is bounded per write (see _send)
             if not relay.done:
                 for ev in parser.flush():
                     held_or_send = relay.on_event(ev, time.perf_counter())
@@ -579,7 +638,7 @@ class ProxyApp:
                         if buffered:
                             held += held_or_send
                         else:
-                            await _send(sent, held_or_send, True, deadline)
+                            await _send(sent, held_or_send, True, timer)
             tail, clean = relay.on_eof()
             ex.upstream_ended = time.perf_counter()
         except UpstreamError as err:
@@ -592,9 +651,11 @@ class ProxyApp:
                 ex.outcome = "blocked"
             else:
                 tail += error_event(ex.endpoint, err.message, err.code or "upstream_error")
-            await _send(sent, bytes(held) + tail, False, deadline)
+            timer.close()
+            await _send(sent, bytes(held) + tail, False, timer)
             return False
         finally:
+            timer.close()
             for kind in relay.anomalies:
                 self.gw.metrics.stream_events.labels(kind).inc()
         pl = relay.pipeline
@@ -611,7 +672,7 @@ class ProxyApp:
                                 "upstream_truncated")
         if buffered:
             await sent.start(200, headers)
-        await _send(sent, bytes(held) + tail if buffered else tail, False, deadline)
+        await _send(sent, bytes(held) + tail if buffered else tail, False, timer)
         if relay.done and not relay.blocked and clean:
             await _drain(it)
         return False
@@ -689,13 +750,23 @@ def _loads_repaired(data: bytes) -> Any:
     return None
 
 
-async def _send(sent: _SendGuard, data: bytes, more: bool, deadline: float) -> None:
+async def _send(sent: _SendGuard, data: bytes, more: bool, timer: StreamTimer) -> None:
     """Send body bytes; a client that stops reading makes this wait (back-pressure: nothing
-    more is pulled from the upstream meanwhile), but not past the stream's deadline."""
+    more is pulled from the upstream meanwhile), but not past the stream's deadline. While the
+    stream's timer runs it bounds the write; after it (the last writes) each write gets the
+    time left, at least a second."""
+    if timer.closed:
+        try:
+            async with asyncio.timeout(max(1.0, timer.remaining())):
+                await sent.body(data, more=more)
+        except TimeoutError:
+            raise ClientStalled from None
+        return
     try:
-        async with asyncio.timeout(max(1.0, deadline - time.monotonic())):
-            await sent.body(data, more=more)
-    except TimeoutError:
+        await sent.body(data, more=more)
+    except asyncio.CancelledError:
+        if timer.claim() is None:
+            raise
         raise ClientStalled from None
 
 
