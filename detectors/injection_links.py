@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 from detectors.injection_phrases import token_words
+from detectors.stream_scan import BufferedScan
 from detectors.text import normalise
 
 # The most a construct may extend before its URL ("![alt up to 80 chars](") and after it
@@ -64,34 +65,20 @@ def valid_email(s: str) -> str | None:
     return s if _EMAIL_OK.fullmatch(s) else None
 
 
-class EmailScanner:
+class EmailScanner(BufferedScan[tuple[int, int, str]]):
     """Incremental e-mail finder driven by ``str.find("@")``: the local part is read
     backwards (at most 64 characters) and the domain forwards, greedily, and a candidate is
     decided once a character that cannot extend the domain has arrived, so the result does
     not depend on chunking (a backtracking regex could settle on "a@b.evil" of
     "a@b.evil-host.net"). Yields (start, end, address)."""
 
-    __slots__ = ("_base", "_buf", "_done", "_pos")
+    __slots__ = ("_base", "_pos")
 
     def __init__(self) -> None:
         self._buf = ""
         self._base = 0
         self._pos = 0  # absolute: "@" before it are decided
         self._done = False
-
-    def feed(self, text: str) -> list[tuple[int, int, str]]:
-        if self._done or not text:
-            return []
-        self._buf += text
-        return self._scan(final=False)
-
-    def finish(self) -> list[tuple[int, int, str]]:
-        if self._done:
-            return []
-        out = self._scan(final=True)
-        self._done = True
-        self._buf = ""
-        return out
 
     def _scan(self, final: bool) -> list[tuple[int, int, str]]:
         buf, base = self._buf, self._base
@@ -321,10 +308,10 @@ def printable_text(raw: bytes, min_chars: int = 8) -> str | None:
     return text
 
 
-class LinkScanner:
+class LinkScanner(BufferedScan[Link]):
     """Incremental finder of URLs and their enclosing constructs (see module docstring)."""
 
-    __slots__ = ("_base", "_body", "_buf", "_cont", "_done", "_json", "_max", "_pos")
+    __slots__ = ("_base", "_body", "_cont", "_json", "_max", "_pos")
 
     def __init__(self, max_url_chars: int, json_mode: bool = False) -> None:
         self._max = max(16, max_url_chars)
@@ -335,20 +322,6 @@ class LinkScanner:
         self._pos = 0  # absolute: URLs starting before it are decided
         self._cont: tuple[str, int] | None = None  # (kind, part) of a URL being cut in pieces
         self._done = False
-
-    def feed(self, text: str) -> list[Link]:
-        if self._done or not text:
-            return []
-        self._buf += text
-        return self._scan(final=False)
-
-    def finish(self) -> list[Link]:
-        if self._done:
-            return []
-        out = self._scan(final=True)
-        self._done = True
-        self._buf = ""
-        return out
 
     def _scan(self, final: bool) -> list[Link]:
         out: list[Link] = []

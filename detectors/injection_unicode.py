@@ -17,6 +17,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+from detectors.stream_scan import BufferedScan
+
 INVISIBLE = re.compile(
     "[\u200b-\u200d\u2060-\u2064\ufeff\u180e\u202a-\u202e\u2066-\u2069"
     "\U000e0000-\U000e007f\U000e0100-\U000e01ef]+"
@@ -95,13 +97,13 @@ def runs_in(text: str) -> list[InvisibleRun]:
     return out
 
 
-class InvisibleScanner:
+class InvisibleScanner(BufferedScan[InvisibleRun]):
     """Incremental ``runs_in`` with the same results: a run is reported once the character
     after it has arrived (or at finish). A run longer than 256 characters is never a
     legitimate use; it is reported in 256-character pieces counted from its start, so that
     each piece fits the hold-back window."""
 
-    __slots__ = ("_base", "_buf", "_cut", "_done", "_pos")
+    __slots__ = ("_base", "_cut", "_pos")
 
     def __init__(self) -> None:
         self._buf = ""
@@ -109,20 +111,6 @@ class InvisibleScanner:
         self._pos = 0  # absolute: everything before it is decided
         self._cut = False  # inside a long run that is being reported in pieces
         self._done = False
-
-    def feed(self, text: str) -> list[InvisibleRun]:
-        if self._done or not text:
-            return []
-        self._buf += text
-        return self._scan(final=False)
-
-    def finish(self) -> list[InvisibleRun]:
-        if self._done:
-            return []
-        out = self._scan(final=True)
-        self._done = True
-        self._buf = ""
-        return out
 
     def _scan(self, final: bool) -> list[InvisibleRun]:
         buf, base = self._buf, self._base

@@ -53,6 +53,7 @@ from detectors.base import (
     StreamEnd,
 )
 from detectors.redaction import placeholder
+from detectors.stream_scan import BufferedScan
 from detectors.text import normalise
 
 NAME = "system_prompt_leak"
@@ -115,7 +116,7 @@ def _norm(word: str) -> str:
     return normalise(word.casefold())
 
 
-class WordStream:
+class WordStream(BufferedScan[Token]):
     """Incremental tokenizer: yields each word once it is *settled* (the character after it has
     arrived, or the stream finished), so the words never depend on chunk boundaries.
 
@@ -124,27 +125,13 @@ class WordStream:
     that.
     """
 
-    __slots__ = ("_base", "_buf", "_done", "_long_start")
+    __slots__ = ("_base", "_long_start")
 
     def __init__(self) -> None:
         self._buf = ""
         self._base = 0  # absolute offset of _buf[0] (may be "virtual" while a stand-in leads)
         self._long_start: int | None = None  # absolute start of an overlong word in progress
         self._done = False
-
-    def feed(self, text: str) -> list[Token]:
-        if self._done or not text:
-            return []
-        self._buf += text
-        return self._scan(final=False)
-
-    def finish(self) -> list[Token]:
-        if self._done:
-            return []
-        out = self._scan(final=True)
-        self._done = True
-        self._buf = ""
-        return out
 
     def _scan(self, final: bool) -> list[Token]:
         buf, base = self._buf, self._base

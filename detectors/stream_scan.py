@@ -11,9 +11,36 @@ the new text plus the window, never to the whole output.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 _CONTEXT = 16
+
+T = TypeVar("T")
+
+
+class BufferedScan(Generic[T]):
+    """The decoder shape shared by the incremental scanners: ``feed`` appends to a bounded
+    buffer and scans what can be decided, ``finish`` decides the rest once. Subclasses
+    implement ``_scan(final)`` and initialise ``_buf = ""`` and ``_done = False``."""
+
+    __slots__ = ("_buf", "_done")
+
+    def feed(self, text: str) -> list[T]:
+        if self._done or not text:
+            return []
+        self._buf += text
+        return self._scan(final=False)
+
+    def finish(self) -> list[T]:
+        if self._done:
+            return []
+        out = self._scan(final=True)
+        self._done = True
+        self._buf = ""
+        return out
+
+    def _scan(self, final: bool) -> list[T]:
+        raise NotImplementedError
 
 
 class _Pattern(Protocol):
