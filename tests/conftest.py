@@ -103,3 +103,18 @@ def metric_value(registry: Any, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
+
+
+def require_halueval() -> None:
+    """The HaluEval dev set lives in ../shared (outside the repo). Locally its absence skips;
+    in CI (CI=true) it fails, so a missing data set can never pass silently."""
+    import os
+
+    from tests.eval.grounding_eval import data_path
+
+    if data_path().exists():
+        return
+    message = f"HaluEval dev data not found at {data_path()}"
+    if os.environ.get("CI"):
+        pytest.fail(message + " (CI must run with ../shared beside the clone)")
+    pytest.skip(message)

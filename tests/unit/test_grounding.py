@@ -7,6 +7,7 @@ import pytest
 
 from detectors.base import TEXT, Channel, Message, RequestContext, StreamEnd
 from detectors.grounding import CONFIGS, Evidence, GroundingConfig, GroundingDetector, stem
+from tests.conftest import require_halueval
 from tests.unit.compliance import assert_compliant, run
 
 CONTEXT = """<document index="1">
@@ -356,8 +357,7 @@ def test_halueval_auroc_does_not_regress() -> None:
     minus a margin, so a change that loses ranking quality fails here."""
     from tests.eval import grounding_eval
 
-    if not grounding_eval.data_path().exists():
-        pytest.skip("HaluEval dev data not present")
+    require_halueval()
     rep = grounding_eval.evaluate(grounding_eval.load_rows())
     assert rep.auroc >= 0.88, rep
     assert rep.default_precision >= 0.95, rep

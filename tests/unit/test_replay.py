@@ -262,9 +262,10 @@ def test_replay_sets_subset_matches_the_detector_harnesses():
     assert leak["labels"]["pii"]["positives"] > 10 and leak["labels"]["secrets"]["positives"] > 5
 
 
-@pytest.mark.skipif("not __import__('tests.eval.replay_sets', fromlist=['x']).grounding_available()",
-                    reason="HaluEval data is outside the repo")
 def test_replay_sets_grounding_subset_matches_the_harness():
+    from tests.conftest import require_halueval
+
+    require_halueval()
     from detectors.grounding import GroundingConfig, GroundingDetector
     from tests.eval import grounding_eval, replay_sets
 
