@@ -47,13 +47,14 @@ class Policy:
     holdback_chars: int
     rewrites: bool  # text may change (redact) or be held: events are re-serialised
     enforcing: bool  # some action can change or stop the output
+    max_attempts: int  # upstream attempts a retry action allows (1: no retry)
+    wants_logprobs: bool
 
     @classmethod
     def build(cls, name: str, config: PolicyConfig, entries: Sequence[DetectorEntry]) -> Policy:
         detectors = tuple(e.settings.build() for e in entries)
         acting = [(e, d) for e, d in zip(entries, detectors, strict=True)
-                  if e.action in ("redact", "block", "retry")
-                  or (e.action == "retry" and e.then in ("redact", "block"))]
+                  if e.action in ("redact", "block", "retry")]
         enforcing = bool(acting) and not config.shadow
         if config.holdback_chars == "auto":
             hold = max((d.lookback_chars for e, d in acting
@@ -64,18 +65,16 @@ class Policy:
             hold = 0
         if config.buffer == "full" and enforcing:
             hold = UNBOUNDED
-        redacts = enforcing and any(e.action == "redact" or (e.action == "retry" and e.then == "redact")
-                                    or e.then == "redact" for e in entries)
+        # `then` is where a retry (or a redact without a span) falls back to
+        redacts = enforcing and any(e.action == "redact" or e.then == "redact" for e in entries)
         return cls(name=name, config=config, entries=tuple(entries), detectors=detectors,
-                   holdback_chars=hold, rewrites=enforcing and (hold > 0 or redacts), enforcing=enforcing)
+                   holdback_chars=hold, rewrites=enforcing and (hold > 0 or redacts), enforcing=enforcing,
+                   max_attempts=max((e.max_attempts for e in entries if e.action == "retry"), default=1),
+                   wants_logprobs=any(d.wants_logprobs for d in detectors))
 
     @property
     def empty(self) -> bool:
         return not self.detectors
-
-    @property
-    def wants_logprobs(self) -> bool:
-        return any(d.wants_logprobs for d in self.detectors)
 
 
 class ChannelBuffer:

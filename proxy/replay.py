@@ -301,7 +301,7 @@ class Replayer:
             for entry, det in zip(policy.entries, policy.detectors, strict=True):
                 if entry.name == "cross_tenant":
                     self.fingerprints.add(case.tenant, det.fingerprints_for_request(ctx))  # type: ignore[attr-defined]
-        max_attempts = max((e.max_attempts for e in policy.entries if e.action == "retry"), default=1)
+        max_attempts = policy.max_attempts
         attempt = max(0, case.attempts - 1)
         buffered = policy.config.buffer == "full" and policy.enforcing
         can_retry = (not case.stream or buffered) and attempt + 1 < max_attempts

@@ -530,7 +530,7 @@ class ProxyApp:
             if not isinstance(obj, dict):
                 ex.upstream_error = "protocol"
                 raise UpstreamError("upstream returned a body that is not a JSON object", code="upstream_protocol")
-            max_attempts = max((e.max_attempts for e in policy.entries if e.action == "retry"), default=1)
+            max_attempts = policy.max_attempts
             pl = ResponsePipeline(policy, ctx, attempt=attempt, can_retry=attempt + 1 < max_attempts)
             scan_body(ex.endpoint, obj, ex, pl)
             ex.outcomes.append(pl.outcome)
@@ -569,7 +569,7 @@ class ProxyApp:
         attempt = 0
         body_bytes = raw_body
         buffered = policy.config.buffer == "full" and policy.enforcing
-        max_attempts = max((e.max_attempts for e in policy.entries if e.action == "retry"), default=1)
+        max_attempts = policy.max_attempts
         while True:
             resp = await self._open(ex, upstream, "POST", url, fwd, body_bytes)
             try:
