@@ -223,7 +223,6 @@ def test_window_ring_forgets_old_slots() -> None:
     for t in range(20):
         ring.add(float(t), hit if t < 10 else miss)
     assert signal_value("findings.pii", ring.aggregate(19.5)) == (0.0, 10)
-    assert signal_value("findings.pii", ring.aggregate(15.5)) is None or True  # not monotone in time: fine
     assert len(ring.slots) <= 10
     assert ring.aggregate(100.0).counts == {}
 
