@@ -185,6 +185,10 @@ class ResponseState:
             self._channels[key] = state
             return state
 
+    def channel_state(self, channel: Channel) -> ChannelState | None:
+        """The channel's state (opened on first use), for callers that feed it directly."""
+        return self._state(channel)
+
     def feed(self, channel: Channel, text: str) -> list[Finding]:
         state = self._state(channel)
         return state.feed(text) if state is not None and text else []
@@ -217,6 +221,12 @@ class Detector(ABC):
 
     name: ClassVar[str] = ""
     wants_logprobs: ClassVar[bool] = False
+    #: The pipeline may collect up to this many characters of a channel before calling
+    #: ``feed`` (one call per batch instead of one per small delta, for detectors whose work is
+    #: per batch anyway, such as a pattern scan over a window). A detector that redacts or
+    #: blocks must then include ``feed_batch_chars - 1`` in ``lookback_chars``. ``finish`` and
+    #: ``feed_logprobs`` always come after every pending character was fed.
+    feed_batch_chars: int = 1
 
     def __init__(self, config: DetectorConfig) -> None:
         self.config = config

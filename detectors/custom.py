@@ -24,11 +24,12 @@ from detectors.base import (
     StreamEnd,
 )
 from detectors.redaction import mask, placeholder
-from detectors.stream_scan import StreamScanner
+from detectors.stream_scan import NamedAlternatives, StreamScanner, named_alternatives
 
 SeverityName = str
 
-# scan the regex window once per this many new characters rather than on every delta
+# scan the regex window once per this many new characters rather than on every delta (the
+# pipeline then also calls ``feed`` only that often: ``feed_batch_chars``)
 _SCAN_BATCH_CHARS = 24
 
 
@@ -79,7 +80,13 @@ class RegexDetector(Detector):
         self._names = list(config.patterns)
         # one alternation of named groups: one pass over the text for all patterns
         joined = "|".join(f"(?P<{n}>{p})" for n, p in config.patterns.items())
-        self._pattern = re2.compile(joined)
+        self._pattern: Any = re2.compile(joined)
+        # the same matches from native RE2 calls without capture groups (see NamedAlternatives)
+        self._alternatives: NamedAlternatives | None = named_alternatives(dict(config.patterns))
+        self._finder = None
+        if self._alternatives is not None:
+            self._pattern, self._finder = self._alternatives, self._alternatives.finder
+        self.feed_batch_chars = _SCAN_BATCH_CHARS
         self._severity = _severity(config.severity)
         self._window = config.max_match_chars
         self._channels = set(config.channels)
@@ -100,7 +107,7 @@ class _RegexState(ChannelState):
     def __init__(self, det: RegexDetector, channel: Channel) -> None:
         self._det = det
         self._channel = channel
-        self._scanner = StreamScanner(det._pattern, det._window, _SCAN_BATCH_CHARS)
+        self._scanner = StreamScanner(det._pattern, det._window, _SCAN_BATCH_CHARS, det._finder)
 
     def _findings(self, hits: list[tuple[int, int, Any]]) -> list[Finding]:
         out = []
@@ -114,10 +121,12 @@ class _RegexState(ChannelState):
         return out
 
     def feed(self, text: str) -> list[Finding]:
-        return self._findings(self._scanner.feed(text))
+        hits = self._scanner.feed(text)
+        return self._findings(hits) if hits else []
 
     def finish(self, end: StreamEnd) -> list[Finding]:
-        return self._findings(self._scanner.finish())
+        hits = self._scanner.finish()
+        return self._findings(hits) if hits else []
 
 
 RegexConfig.detector_class = RegexDetector
