@@ -27,6 +27,15 @@ class Extract:
     done: bool = False  # responses API: the response ended (completed / failed / incomplete)
 
 
+# Channels are immutable: the text channels of the first choices are built once, not per event
+_TEXT_CHANNELS = tuple(Channel(choice=i) for i in range(16))
+
+
+def text_channel(choice: int) -> Channel:
+    """The text channel of ``choice`` (shared instances for the usual small indexes)."""
+    return _TEXT_CHANNELS[choice] if 0 <= choice < 16 else Channel(choice=choice)
+
+
 def _logprob_items(lp: Any) -> list[tuple[str, float]]:
     if not isinstance(lp, dict):
         return []
@@ -51,16 +60,21 @@ def items(value: Any) -> list[Any]:
 class ToolNames:
     """Remembers tool-call names by (choice, index): the name arrives only in the first delta."""
 
-    __slots__ = ("_names",)
+    __slots__ = ("_channels", "_names")
 
     def __init__(self) -> None:
         self._names: dict[tuple[int, int], str] = {}
+        self._channels: dict[tuple[int, int], Channel] = {}  # the latest per key, reused
 
     def channel(self, choice: int, index: int, name: Any) -> Channel:
         key = (choice, index)
         if isinstance(name, str) and name:
             self._names[key] = name
-        return Channel(choice=choice, kind="tool_call", tool_index=index, tool_name=self._names.get(key))
+        tool_name = self._names.get(key)
+        got = self._channels.get(key)
+        if got is None or got.tool_name != tool_name:
+            got = self._channels[key] = Channel(choice=choice, kind="tool_call", tool_index=index, tool_name=tool_name)
+        return got
 
 
 def chat_chunk(obj: dict[str, Any], tools: ToolNames) -> Extract:
@@ -86,14 +100,14 @@ def chat_chunk(obj: dict[str, Any], tools: ToolNames) -> Extract:
         if isinstance(delta, dict):
             content = delta.get("content")
             if isinstance(content, str) and content:
-                text_ch = Channel(choice=idx)
+                text_ch = text_channel(idx)
                 ex.pieces.append((text_ch, content))
                 lp = _logprob_items(ch.get("logprobs"))
                 if lp:
                     ex.logprobs.append((text_ch, lp))
             refusal = delta.get("refusal")
             if isinstance(refusal, str) and refusal:
-                ex.pieces.append((Channel(choice=idx), refusal))
+                ex.pieces.append((text_channel(idx), refusal))
             tcs = delta.get("tool_calls")
             if isinstance(tcs, list):
                 for tc in tcs:
@@ -126,7 +140,7 @@ def completion_chunk(obj: dict[str, Any]) -> Extract:
         idx = ch.get("index", 0) if isinstance(ch.get("index", 0), int) else 0
         text = ch.get("text")
         if isinstance(text, str) and text:
-            ex.pieces.append((Channel(choice=idx), text))
+            ex.pieces.append((text_channel(idx), text))
         fr = ch.get("finish_reason")
         if isinstance(fr, str):
             ex.finished.append((idx, fr))
@@ -149,10 +163,10 @@ def chat_body(obj: dict[str, Any]) -> Extract:
         if not (isinstance(content, str) and content) and isinstance(msg.get("refusal"), str):
             content = msg["refusal"]  # a refusal is output too (and may quote what it refuses)
         if isinstance(content, str) and content:
-            ex.pieces.append((Channel(choice=idx), content))
+            ex.pieces.append((text_channel(idx), content))
             lp = _logprob_items(ch.get("logprobs"))
             if lp:
-                ex.logprobs.append((Channel(choice=idx), lp))
+                ex.logprobs.append((text_channel(idx), lp))
         for i, tc in enumerate(items(msg.get("tool_calls"))):
             if not isinstance(tc, dict):
                 continue
@@ -167,7 +181,7 @@ def chat_body(obj: dict[str, Any]) -> Extract:
 
 def responses_text_channel(output_index: Any) -> Channel:
     """The text channel of one Responses API message item."""
-    return Channel(choice=output_index if isinstance(output_index, int) and output_index >= 0 else 0)
+    return text_channel(output_index if isinstance(output_index, int) and output_index >= 0 else 0)
 
 
 def responses_event(obj: dict[str, Any], tools: ToolNames) -> Extract:

@@ -319,6 +319,20 @@ class StreamRelay:
         choices = obj.get("choices")
         if not isinstance(choices, list) or not choices:
             return ev.raw
+        if ep == "chat" and len(choices) == 1:
+            # the usual event, one choice whose delta is only content: what the loop below does
+            # for it, without its general bookkeeping
+            ch = choices[0]
+            delta = ch.get("delta") if isinstance(ch, dict) else None
+            if (isinstance(delta, dict) and len(delta) == 1 and ch.get("finish_reason") is None
+                    and ch.get("logprobs") is None):
+                content = delta.get("content")
+                idx = ch.get("index", 0)
+                if isinstance(content, str) and content and isinstance(idx, int):
+                    text = delta["content"] = pl.take(deltas.text_channel(idx))
+                    if not text and not obj.get("usage"):
+                        return b""
+                    return b"data: " + orjson.dumps(obj) + b"\n\n"
         prefix = bytearray()
         changed_any = False
         keep_event = False
@@ -340,7 +354,7 @@ class StreamRelay:
                 keep_event = True
             if ep == "completions":
                 if isinstance(ch.get("text"), str):
-                    ch["text"] = "" if finishing and not ch["text"] else pl.take(Channel(choice=idx))
+                    ch["text"] = "" if finishing and not ch["text"] else pl.take(deltas.text_channel(idx))
                     changed_any = True
                     keep_event = keep_event or bool(ch["text"])
                 continue
@@ -356,7 +370,7 @@ class StreamRelay:
                 keep_event = True
             for field_name in ("content", "refusal"):
                 if isinstance(delta.get(field_name), str) and delta[field_name]:
-                    delta[field_name] = "" if finishing else pl.take(Channel(choice=idx))
+                    delta[field_name] = "" if finishing else pl.take(deltas.text_channel(idx))
                     if field_name == "refusal":
                         self._refusal_choices.add(idx)
                     changed_any = True
