@@ -75,6 +75,15 @@ class UpstreamConfig(_Strict):
     max_stream_duration_seconds: float = Field(default=900.0, gt=0)
     max_connections: int = Field(default=256, ge=1)
     connect_retries: int = Field(default=0, ge=0, le=5)
+    keepalive_expiry_seconds: float = Field(default=30.0, gt=0)
+    tls_ca_file: str | None = None
+
+    @field_validator("tls_ca_file")
+    @classmethod
+    def _ca_file(cls, v: str | None) -> str | None:
+        if v is not None and not os.path.isfile(v):
+            raise ValueError(f"tls_ca_file {v!r} is not a readable file; give the path of a PEM CA bundle")
+        return v
 
     @field_validator("base_url")
     @classmethod

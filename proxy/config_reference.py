@@ -80,6 +80,10 @@ DESCRIPTIONS: dict[str, str] = {
     "upstreams.<name>.max_stream_duration_seconds": "Longest a single response may take in total.",
     "upstreams.<name>.max_connections": "Connection pool size towards this upstream.",
     "upstreams.<name>.connect_retries": "Retries of a failed connection attempt (never after a byte was sent).",
+    "upstreams.<name>.keepalive_expiry_seconds": "Idle upstream connections older than this are not reused (keep it "
+                                                 "below the upstream's own keep-alive timeout).",
+    "upstreams.<name>.tls_ca_file": "PEM CA bundle to verify an https upstream with (an internal CA); default: "
+                                    "certifi's public bundle.",
     "routes": "Which upstream and policy serve a request; the first route whose `match` fits wins.",
     "routes[].match": "Conditions a request must meet; all given ones must match.",
     "routes[].match.model": "Glob on the request's `model`, e.g. `gpt-4o*`.",

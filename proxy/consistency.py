@@ -16,7 +16,6 @@ import random
 import re
 from typing import Any
 
-import httpx
 import orjson
 
 from proxy import deltas
@@ -72,7 +71,7 @@ class ConsistencyChecker:
         self._tasks: set[asyncio.Task[None]] = set()
         self.rng = random.Random(seed)
 
-    def schedule(self, ex: Exchange, upstream: Upstream, url: httpx.URL, headers: dict[str, str],
+    def schedule(self, ex: Exchange, upstream: Upstream, url: str, headers: dict[str, str],
                  body: bytes, first: dict[str, str], limit: int = 8) -> bool:
         if len(self._tasks) >= limit:
             self._metrics.consistency.labels(ex.route, ex.model_label, "skipped").inc()
@@ -82,14 +81,18 @@ class ConsistencyChecker:
         task.add_done_callback(self._tasks.discard)
         return True
 
-    async def _check(self, ex: Exchange, upstream: Upstream, url: httpx.URL, headers: dict[str, str],
+    async def _check(self, ex: Exchange, upstream: Upstream, url: str, headers: dict[str, str],
                      body: bytes, first: dict[str, str]) -> None:
         result = "error"
         try:
             async with asyncio.timeout(upstream.config.first_byte_timeout_seconds):
-                resp = await upstream.client.post(url, headers=headers, content=body)
+                resp = await upstream.request("POST", url, headers, body)
+                try:
+                    content = await resp.aread()
+                finally:
+                    resp.close()
             if resp.status_code == 200:
-                obj = orjson.loads(resp.content)
+                obj = orjson.loads(content)
                 if isinstance(obj, dict):
                     result = "agree" if agree(first, answer_of(ex.endpoint, obj)) else "disagree"
         except asyncio.CancelledError:

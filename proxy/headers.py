@@ -12,12 +12,7 @@ import re
 import uuid
 from collections.abc import Mapping
 
-try:  # the encodings httpx decodes here (brotli and zstd only when their packages are installed)
-    from httpx._decoders import SUPPORTED_DECODERS as _DECODERS
-
-    DECODABLE = frozenset(_DECODERS)
-except ImportError:  # pragma: no cover - a future httpx layout
-    DECODABLE = frozenset({"identity", "gzip", "deflate"})
+from proxy.http1 import DECODABLE
 
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
@@ -56,7 +51,7 @@ def forward_request_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
         if k in listed:
             continue
         if (k in REQUEST_ALLOW or k.startswith(REQUEST_ALLOW_PREFIXES)) and v.isascii():
-            # non-ASCII values (legal obs-text on the wire) are dropped: httpx sends ASCII only
+            # non-ASCII values (legal obs-text on the wire) are dropped: ASCII only goes upstream
             out[k.decode("latin-1")] = v.decode("latin-1")
     return out
 
@@ -76,8 +71,8 @@ def response_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]
 
 
 def undecodable_encoding(headers: Mapping[str, str]) -> str | None:
-    """The first content coding of a response that httpx cannot decode (it would pass such
-    bytes on undecoded), or None."""
+    """The first content coding of a response the upstream client cannot decode (it passes
+    such bytes on undecoded), or None."""
     for token in headers.get("content-encoding", "").split(","):
         token = token.strip().lower()
         if token and token not in DECODABLE:

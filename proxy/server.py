@@ -15,7 +15,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import httpx
 import orjson
 
 from detectors.base import RequestContext
@@ -34,6 +33,7 @@ from proxy.errors import (
     UpstreamTimeout,
 )
 from proxy.exchange import Exchange, request_context
+from proxy.http1 import ConnectError, ConnectTimeout, HTTPError, Response
 from proxy.metrics import Metrics, ModelLabel
 from proxy.pipeline import Flow, Policy, ResponsePipeline
 from proxy.relay import StreamRelay, _strip_logprobs, block_error, error_event, redact_body, scan_body, summary
@@ -364,7 +364,7 @@ class ProxyApp:
         fwd["x-request-id"] = ex.request_id
         fwd.update(gw.telemetry.trace_headers(ex, raw_headers))  # W3C trace context: our upstream span
         fwd["accept-encoding"] = "identity"
-        url = upstream.url(ex.path, scope.get("query_string", b""))
+        url = upstream.target(ex.path, scope.get("query_string", b""))
 
         use_detectors = (ex.endpoint in DETECTED and body is not None
                          and (not policy.empty or policy.config.consistency.enabled))
@@ -381,11 +381,10 @@ class ProxyApp:
 
     # -- upstream calls --------------------------------------------------------------------------
 
-    async def _open(self, ex: Exchange, upstream: Upstream, method: str, url: httpx.URL,
-                    fwd: dict[str, str], body: bytes) -> httpx.Response:
+    async def _open(self, ex: Exchange, upstream: Upstream, method: str, url: str,
+                    fwd: dict[str, str], body: bytes) -> Response:
         """Send the request and wait for the response headers within the first-byte timeout."""
         cfg = upstream.config
-        req = upstream.client.build_request(method, url, headers=fwd, content=body)
         if ex.outputs is not None:  # a retry: record only the attempt the client gets
             ex.outputs, ex.tool_names = {}, {}
         ex.upstream_started = ex.upstream_started or time.perf_counter()
@@ -393,19 +392,19 @@ class ProxyApp:
         t0 = time.perf_counter()
         try:
             async with asyncio.timeout(cfg.first_byte_timeout_seconds):
-                resp = await upstream.client.send(req, stream=True)
+                resp = await upstream.request(method, url, fwd, body)
         except TimeoutError:
             ex.upstream_error = "first_byte_timeout"
             raise UpstreamTimeout(f"upstream '{upstream.name}' sent no response within "
                                   f"{cfg.first_byte_timeout_seconds:g}s (first_byte_timeout_seconds)") from None
-        except httpx.ConnectTimeout:
+        except ConnectTimeout:
             ex.upstream_error = "connect_timeout"
             raise UpstreamTimeout(f"connecting to upstream '{upstream.name}' timed out") from None
-        except httpx.ConnectError:
+        except ConnectError:
             ex.upstream_error = "connect"
             raise UpstreamError(f"cannot connect to upstream '{upstream.name}'",
                                 code="upstream_unreachable") from None
-        except httpx.HTTPError as exc:
+        except HTTPError as exc:
             ex.upstream_error = "protocol"
             raise UpstreamError(f"upstream '{upstream.name}' failed: {type(exc).__name__}") from None
         finally:
@@ -420,7 +419,7 @@ class ProxyApp:
                                 "gapwatch does not follow redirects", code="upstream_redirect")
         return resp
 
-    async def _read_all(self, ex: Exchange, upstream: Upstream, resp: httpx.Response) -> bytes:
+    async def _read_all(self, ex: Exchange, upstream: Upstream, resp: Response) -> bytes:
         cfg = upstream.config
         t0 = time.perf_counter()
         try:
@@ -429,7 +428,7 @@ class ProxyApp:
         except TimeoutError:
             ex.upstream_error = "idle_timeout"
             raise UpstreamTimeout(f"upstream '{upstream.name}' stalled while sending the body") from None
-        except httpx.HTTPError as exc:
+        except HTTPError as exc:
             ex.upstream_error = "reset"
             raise UpstreamError(f"upstream '{upstream.name}' broke off the response ({type(exc).__name__})",
                                 code="upstream_reset") from None
@@ -437,7 +436,7 @@ class ProxyApp:
             ex.upstream_wait += time.perf_counter() - t0
             ex.upstream_ended = time.perf_counter()
 
-    async def _passthrough(self, sent: _SendGuard, ex: Exchange, upstream: Upstream, url: httpx.URL,
+    async def _passthrough(self, sent: _SendGuard, ex: Exchange, upstream: Upstream, url: str,
                            fwd: dict[str, str], body: bytes, method: str) -> None:
         """No detectors apply: relay status, headers and bytes as they come."""
         resp = await self._open(ex, upstream, method, url, fwd, body)
@@ -454,12 +453,11 @@ class ProxyApp:
                 return
             # an encoding the proxy cannot decode goes out as sent, still labelled
             raw = hdrs.undecodable_encoding(resp.headers) is not None
-            it = (resp.aiter_raw() if raw else resp.aiter_bytes()).__aiter__()
             await sent.start(resp.status_code, headers)
             timer = StreamTimer(upstream.config.idle_timeout_seconds, upstream.config.max_stream_duration_seconds)
             try:
                 while True:
-                    chunk = await self._next_chunk(ex, upstream, it, timer)
+                    chunk = await self._next_chunk(ex, upstream, resp, timer, raw)
                     if chunk is None:
                         break
                     await _send(sent, chunk, True, timer)
@@ -470,7 +468,8 @@ class ProxyApp:
             ex.upstream_ended = ex.upstream_ended or time.perf_counter()
             await resp.aclose()
 
-    async def _next_chunk(self, ex: Exchange, upstream: Upstream, it: Any, timer: StreamTimer) -> bytes | None:
+    async def _next_chunk(self, ex: Exchange, upstream: Upstream, resp: Response, timer: StreamTimer,
+                          raw: bool = False) -> bytes | None:
         cfg = upstream.config
         if timer.remaining() <= 0:
             ex.upstream_error = "max_duration"
@@ -480,9 +479,7 @@ class ProxyApp:
         timer.mark = timer.loop.time()
         timer.reading = True
         try:
-            return await it.__anext__()
-        except StopAsyncIteration:
-            return None
+            return await resp.read_chunk(raw)
         except asyncio.CancelledError:
             limit = timer.claim()
             if limit is None:
@@ -493,7 +490,7 @@ class ProxyApp:
             ex.upstream_error = "idle_timeout"
             raise UpstreamTimeout(f"upstream '{upstream.name}' stalled for {cfg.idle_timeout_seconds:g}s "
                                   "(idle_timeout_seconds)", code="upstream_idle_timeout") from None
-        except httpx.HTTPError as exc:
+        except HTTPError as exc:
             ex.upstream_error = "reset"
             raise UpstreamError(f"upstream '{upstream.name}' broke off the stream ({type(exc).__name__})",
                                 code="upstream_reset") from None
@@ -501,7 +498,7 @@ class ProxyApp:
             timer.reading = False
             ex.upstream_wait += time.perf_counter() - t0
 
-    async def _unary(self, sent: _SendGuard, ex: Exchange, upstream: Upstream, url: httpx.URL,
+    async def _unary(self, sent: _SendGuard, ex: Exchange, upstream: Upstream, url: str,
                      fwd: dict[str, str], raw_body: bytes, policy: Policy, ctx: RequestContext) -> None:
         attempt = 0
         body_bytes = raw_body
@@ -564,7 +561,7 @@ class ProxyApp:
                                              policy.config.consistency.max_in_flight)
             return
 
-    async def _stream(self, sent: _SendGuard, ex: Exchange, upstream: Upstream, url: httpx.URL,
+    async def _stream(self, sent: _SendGuard, ex: Exchange, upstream: Upstream, url: str,
                       fwd: dict[str, str], raw_body: bytes, policy: Policy, ctx: RequestContext) -> None:
         attempt = 0
         body_bytes = raw_body
@@ -595,7 +592,7 @@ class ProxyApp:
                 continue
             return
 
-    async def _relay(self, sent: _SendGuard, ex: Exchange, upstream: Upstream, resp: httpx.Response,
+    async def _relay(self, sent: _SendGuard, ex: Exchange, upstream: Upstream, resp: Response,
                      relay: StreamRelay, buffered: bool, headers: list[tuple[bytes, bytes]] | None = None) -> bool:
         """Pump one upstream stream to the client. Returns True when the policy wants a retry
         (only possible while nothing has been sent: buffered mode). Without a pipeline
@@ -606,10 +603,9 @@ class ProxyApp:
             await sent.start(200, headers)
         held = bytearray()
         timer = StreamTimer(upstream.config.idle_timeout_seconds, upstream.config.max_stream_duration_seconds)
-        it = resp.aiter_bytes().__aiter__()
         try:
             while not relay.done:
-                chunk = await self._next_chunk(ex, upstream, it, timer)
+                chunk = await self._next_chunk(ex, upstream, resp, timer)
                 if chunk is None:
                     break
                 now = time.perf_counter()
@@ -674,7 +670,7 @@ class ProxyApp:
             await sent.start(200, headers)
         await _send(sent, bytes(held) + tail if buffered else tail, False, timer)
         if relay.done and not relay.blocked and clean:
-            await _drain(it)
+            await _drain(resp)
         return False
 
     async def _models(self, sent: _SendGuard, ex: Exchange, client_auth: str | None) -> None:
@@ -690,9 +686,13 @@ class ProxyApp:
             fwd = up.auth_headers(client_auth, gw.tenants.enabled) | dict(up.config.headers)
             try:
                 async with asyncio.timeout(up.config.connect_timeout_seconds + 5):
-                    resp = await up.client.get(up.url("/v1/models", b""), headers=fwd)
-                data = resp.json().get("data", []) if resp.status_code == 200 else []
-            except (httpx.HTTPError, TimeoutError, ValueError, AttributeError):
+                    resp = await up.request("GET", up.target("/v1/models", b""), fwd)
+                    try:
+                        raw = await resp.aread()
+                    finally:
+                        resp.close()
+                data = orjson.loads(raw).get("data", []) if resp.status_code == 200 else []
+            except (HTTPError, TimeoutError, ValueError, AttributeError):
                 data = []
             for m in data:
                 mid = m.get("id") if isinstance(m, dict) else None
@@ -770,7 +770,7 @@ async def _send(sent: _SendGuard, data: bytes, more: bool, timer: StreamTimer) -
         raise ClientStalled from None
 
 
-async def _drain(it: Any, limit_bytes: int = 65536, timeout_seconds: float = 0.5) -> None:
+async def _drain(resp: Response, limit_bytes: int = 65536, timeout_seconds: float = 0.5) -> None:
     """After [DONE] (the client already has everything), read what is left of the upstream
     body — normally just the chunked terminator — so the connection returns to the pool
     instead of being closed: otherwise every stream costs a new upstream connection (and
@@ -778,11 +778,11 @@ async def _drain(it: Any, limit_bytes: int = 65536, timeout_seconds: float = 0.5
     got = 0
     try:
         async with asyncio.timeout(timeout_seconds):
-            async for chunk in it:
+            while (chunk := await resp.read_chunk(raw=True)) is not None:
                 got += len(chunk)
                 if got > limit_bytes:
                     return
-    except (TimeoutError, httpx.HTTPError):
+    except (TimeoutError, HTTPError):
         return
 
 
@@ -826,7 +826,7 @@ def _retry_body(raw_body: bytes, pl: ResponsePipeline, ex: Exchange) -> bytes:
     return orjson.dumps(body)
 
 
-def _check_stream_response(ex: Exchange, upstream: Upstream, resp: httpx.Response) -> None:
+def _check_stream_response(ex: Exchange, upstream: Upstream, resp: Response) -> None:
     """A streaming request must get an event stream the proxy can decode, else 502."""
     ctype = resp.headers.get("content-type", "")
     if "text/event-stream" not in ctype.lower():
@@ -836,9 +836,9 @@ def _check_stream_response(ex: Exchange, upstream: Upstream, resp: httpx.Respons
     _check_encoding(ex, upstream, resp)
 
 
-def _check_encoding(ex: Exchange, upstream: Upstream, resp: httpx.Response) -> None:
-    """Detectors must see text: a body in an encoding httpx cannot decode is a protocol error
-    (httpx would hand over the compressed bytes as if they were plain)."""
+def _check_encoding(ex: Exchange, upstream: Upstream, resp: Response) -> None:
+    """Detectors must see text: a body in an encoding the upstream client cannot decode is a
+    protocol error (the compressed bytes would otherwise be read as if they were plain)."""
     encoding = hdrs.undecodable_encoding(resp.headers)
     if encoding is not None:
         ex.upstream_error = "protocol"
@@ -859,7 +859,7 @@ def _log_detector_errors(ex: Exchange) -> None:
                         ex.policy.name, entry.on_error if entry is not None else "open")
 
 
-def _resp_headers(resp: httpx.Response, request_id: str) -> list[tuple[bytes, bytes]]:
+def _resp_headers(resp: Response, request_id: str) -> list[tuple[bytes, bytes]]:
     out = hdrs.response_headers(resp.headers.raw)
     out = [(k, v) for k, v in out if k.lower() != b"x-request-id"]
     if hdrs.undecodable_encoding(resp.headers) is not None:  # the body is relayed still encoded

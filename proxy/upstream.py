@@ -1,79 +1,60 @@
-"""Pooled upstream clients: one ``httpx.AsyncClient`` per configured upstream.
+"""Pooled upstream clients: one ``http1.Pool`` per configured upstream.
 
-Redirects are never followed and proxy environment variables are not trusted
-(``trust_env=False``): a request can only ever reach the configured base URL. Read timeouts
-are enforced by the relay (first byte, idle, total) rather than by httpx, so each can be a
-separate knob.
+Only the configured origin is ever contacted: the client supplies a path and a query string,
+never a scheme, host or port; redirects are not followed; proxy environment variables are not
+consulted; no cookies are kept (one pool serves every tenant). Read timeouts are enforced by
+the relay (first byte, idle, total) so each can be a separate knob.
 """
 
 from __future__ import annotations
 
-import http.cookiejar
-import logging
 import os
-from dataclasses import dataclass
-
-import httpx
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, quote, urlencode
 
 from proxy.config import UpstreamConfig
+from proxy.http1 import Pool, Response
 
-
-class _UrlWithoutSecrets(logging.Filter):
-    """httpx logs every request's full URL at INFO. A query string can carry a key (an
-    upstream's configured ``query``, a client's ``?api-key=``) and a URL can carry userinfo:
-    the log line keeps scheme, host, port and path only."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if isinstance(args, tuple) and len(args) >= 2 and isinstance(args[1], httpx.URL):
-            url = args[1]
-            if url.query or url.userinfo:
-                port = f":{url.port}" if url.port is not None else ""
-                safe = f"{url.scheme}://{url.host}{port}{url.path}" + ("?..." if url.query else "")
-                record.args = (args[0], safe, *args[2:])
-        return True
-
-
-_URL_FILTER = _UrlWithoutSecrets()
-
-
-def _install_log_filter() -> None:
-    httpx_log = logging.getLogger("httpx")
-    if _URL_FILTER not in httpx_log.filters:
-        httpx_log.addFilter(_URL_FILTER)
+# RFC 3986 pchar and "/": the client's (decoded) path is re-encoded with everything else escaped
+_PATH_SAFE = "/:@!$&'()*+,;=~"
+# a query string passes as the client sent it (escapes kept), anything unsafe escaped
+_QUERY_SAFE = "/:@!$&'()*+,;=~?%"
+_TARGET_CACHE_MAX = 1024
 
 
 @dataclass
 class Upstream:
     name: str
     config: UpstreamConfig
-    client: httpx.AsyncClient
+    pool: Pool
     api_key: str | None
+    _targets: dict[tuple[str, bytes], str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, name: str, config: UpstreamConfig) -> Upstream:
-        limits = httpx.Limits(max_connections=config.max_connections,
-                              max_keepalive_connections=config.max_connections, keepalive_expiry=30)
-        timeout = httpx.Timeout(connect=config.connect_timeout_seconds, read=None, write=30.0, pool=10.0)
-        transport = httpx.AsyncHTTPTransport(limits=limits, retries=config.connect_retries)
-        # one client serves every tenant: it must never store an upstream's Set-Cookie and send
-        # it on someone else's request, so its cookie jar accepts nothing
-        jar = http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-        client = httpx.AsyncClient(transport=transport, timeout=timeout, follow_redirects=False,
-                                   trust_env=False, cookies=jar)
+        pool = Pool(config.base_url, max_connections=config.max_connections,
+                    connect_timeout=config.connect_timeout_seconds, connect_retries=config.connect_retries,
+                    keepalive_expiry=config.keepalive_expiry_seconds, ca_file=config.tls_ca_file)
         key = os.environ.get(config.api_key_env) if config.api_key_env else None
-        _install_log_filter()
-        return cls(name=name, config=config, client=client, api_key=key)
+        return cls(name=name, config=config, pool=pool, api_key=key)
 
-    def url(self, path: str, query: bytes) -> httpx.URL:
-        """``path`` is the client's path after ``/v1``; only the path and query are taken from
-        the client, never the scheme, host or port."""
-        suffix = path[3:] if path.startswith("/v1") else path
-        url = httpx.URL(self.config.base_url + suffix)
-        params = httpx.QueryParams(query.decode("latin-1")) if query else httpx.QueryParams()
-        for k, v in self.config.query.items():
-            params = params.set(k, v)
-        return url.copy_with(params=params) if params else url
+    def target(self, path: str, query: bytes) -> str:
+        """The request target (path and query) on this upstream for the client's ``path``
+        (after ``/v1``) and raw query string; the configured ``query`` parameters win."""
+        key = (path, query)
+        t = self._targets.get(key)
+        if t is None:
+            suffix = path[3:] if path.startswith("/v1") else path
+            t = (self.pool.base_path + quote(suffix, safe=_PATH_SAFE)) or "/"
+            q = _query(query, self.config.query)
+            if q:
+                t += "?" + q
+            if len(self._targets) < _TARGET_CACHE_MAX:
+                self._targets[key] = t
+        return t
+
+    async def request(self, method: str, target: str, headers: dict[str, str], body: bytes = b"") -> Response:
+        return await self.pool.request(method, target, headers, body)
 
     def auth_headers(self, client_authorization: str | None, tenants_enabled: bool) -> dict[str, str]:
         """The upstream credential: the configured key, else (pass-through mode only) the
@@ -87,4 +68,11 @@ class Upstream:
         return {}
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.pool.aclose()
+
+
+def _query(client: bytes, configured: dict[str, str]) -> str:
+    if not configured:  # the client's bytes as sent; only what is unsafe on the wire is escaped
+        return quote(client, safe=_QUERY_SAFE) if client else ""
+    pairs = [(k, v) for k, v in parse_qsl(client.decode("latin-1"), keep_blank_values=True) if k not in configured]
+    return urlencode([*pairs, *configured.items()])

@@ -683,40 +683,6 @@ _HANDLERS: dict[str, Callable[[_Conn, Record], Any]] = {
 FAULTS = tuple(sorted(_HANDLERS))
 
 
-# -- an in-process ASGI upstream (no sockets) for high-volume tests ------------------------------
-
-async def fast_asgi_upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """A minimal correct OpenAI-shaped upstream as an ASGI app, for tests that need thousands of
-    requests (metric cardinality) and not the network. Unknown paths answer 404."""
-    if scope["type"] != "http":
-        return
-    chunks = []
-    while True:
-        msg = await receive()
-        chunks.append(msg.get("body", b""))
-        if not msg.get("more_body"):
-            break
-    try:
-        obj = orjson.loads(b"".join(chunks) or b"{}")
-    except orjson.JSONDecodeError:
-        obj = {}
-    obj = obj if isinstance(obj, dict) else {}
-    endpoint = endpoint_of(scope["path"])
-    model = obj.get("model") if isinstance(obj.get("model"), str) else "m"
-    if endpoint == "other":
-        body = error_json(404, "no such path")
-        await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
-        return
-    if obj.get("stream") is True:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")]})
-        await send({"type": "http.response.body", "body": b"".join(stream_events(endpoint, model, "hi there", 4))})
-        return
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": json_body(endpoint, model, "hi there")})
-
-
 # -- recording the stream corpus -----------------------------------------------------------------
 
 CORPUS = Path(__file__).parent / "data" / "streams"

@@ -189,5 +189,6 @@ def test_streams_reuse_the_upstream_connection(start_proxy):
         for _chunk in client.chat.completions.create(model="sim-echo", stream=True,
                                                       messages=[{"role": "user", "content": "pooled"}]):
             pass
-    pool = p.gateway.upstreams["sim"].client._transport._pool
-    assert 1 <= len(pool.connections) <= 2  # not one per stream
+    pool = p.gateway.upstreams["sim"].pool
+    assert 1 <= pool.opened <= 2  # not one per stream
+    assert pool.idle_connections >= 1
