@@ -23,8 +23,10 @@ compare against):
     x-sim-tool-call            NAME: the output becomes the arguments of a call to NAME
     x-sim-tool-calls           base64(JSON [{"name", "arguments"}, ...]): parallel tool calls
     x-sim-chunk-chars          characters (code points) per streamed chunk, default 4
-    x-sim-delay-ms             pause before each streamed chunk, default 0 (a non-streamed
-                               response waits the sum)
+    x-sim-delay-ms             time between streamed chunks, default 0: chunk i is due
+                               i x delay after the first (a fixed token rate, as a provider
+                               paced by its accelerator; a late wake-up does not push the
+                               rest back); a non-streamed response waits the sum
     x-sim-first-token-ms       pause before the response starts (default 2000 for sim-slow)
     x-sim-status               4xx/5xx: that status, an OpenAI error body, ``retry-after``
     x-sim-retry-after          value of ``retry-after`` on such errors, default 7
@@ -878,8 +880,10 @@ class SimulatorApp:
                 }
             )
         else:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
             for i, step in enumerate(steps[:stop_at]):
-                if i and not await ex.pause(plan.delay_s):
+                if i and not await ex.pause(start + i * plan.delay_s - loop.time()):
                     ex.entry["outcome"] = "client_disconnected"
                     return
                 await ex.send({"type": "http.response.body", "body": b"".join(step), "more_body": True})
