@@ -20,7 +20,7 @@ import orjson
 from detectors.base import Channel, StreamEnd
 from proxy import deltas
 from proxy.exchange import Exchange
-from proxy.pipeline import Applied, Flow, ResponsePipeline
+from proxy.pipeline import OBSERVE_BATCH_CHARS, Applied, Flow, ResponsePipeline
 from proxy.sse import SSEEvent
 
 
@@ -97,6 +97,17 @@ class StreamRelay:
         self._finished_choices: set[int] = set()
         self._text_items: dict[int, dict[str, Any]] = {}  # responses: delta envelope per item
         self._refusal_choices: set[int] = set()  # choices whose text arrives as `refusal`
+        # A policy that cannot change or stop the output (observe/annotate/shadow) gets its
+        # text per OBSERVE_BATCH_CHARS, not per event: the relay collects the pieces and feeds
+        # them in one call, so an event costs a list append instead of the pipeline's
+        # bookkeeping (issue 3: 2 KB answers arrive as ~400 events). Anything that is not
+        # text (logprobs, a finish, the end, an error) feeds what is pending first.
+        self._lazy = pipeline is not None and not pipeline.policy.enforcing
+        # pieces of one channel at a time (a piece of another channel feeds these first);
+        # channels are shared objects, so the common case is an identity check and an append
+        self._pending_ch: Channel | None = None
+        self._pending: list[str] = []
+        self._fed_chars = 0  # ex.output_chars at the last feed
 
     # -- per event ---------------------------------------------------------------------------
 
@@ -143,6 +154,12 @@ class StreamRelay:
         if ex_.usage:
             ex.usage = ex_.usage
         pl = self.pipeline
+        lazy = self._lazy
+        # anything but text (an error, the end, logprobs, a finish) needs the detectors to
+        # have seen all text before it
+        special = ex_.error is not None or ex_.done or ex_.logprobs or ex_.finished
+        if special and lazy:
+            self._feed_pending()
         if ex_.error is not None:
             # the upstream gave up: its error event ends the stream. Detectors finish as
             # truncated and what they clear of the held text goes out before the error (a
@@ -165,6 +182,13 @@ class StreamRelay:
             self.anomalies.append("after_finish")
             pieces = [(ch, t) for ch, t in pieces if ch.choice not in self._finished_choices]
         for ch, text in pieces:
+            if lazy:
+                if ch is not self._pending_ch:
+                    self._feed_pending()
+                    self._pending_ch = ch
+                self._pending.append(text)
+            elif pl is not None:
+                pl.feed(ch, text)
             if text:
                 if ex.upstream_first_token_at is None:
                     ex.upstream_first_token_at = now
@@ -173,8 +197,12 @@ class StreamRelay:
                 self.choices.append(ch.choice)
             if ex.outputs is not None:
                 ex.record_output(ch, text)
-            if pl is not None:
-                pl.feed(ch, text)
+        if lazy:
+            # pending = the output counted since the last feed (no second counter per event)
+            if not special and ex.output_chars - self._fed_chars < OBSERVE_BATCH_CHARS:
+                stripped = self.ex.strip_logprobs and _strip_logprobs(obj)
+                return b"data: " + orjson.dumps(obj) + b"\n\n" if stripped else ev.raw
+            self._feed_pending()
         if pl is not None:
             for ch, items in ex_.logprobs:
                 pl.feed_logprobs(ch, items)
@@ -200,11 +228,22 @@ class StreamRelay:
             out += annotation_comment(notes)
         return out
 
+    def _feed_pending(self) -> None:
+        """Feed the collected pieces of the pending channel in one call."""
+        pl, ch, texts = self.pipeline, self._pending_ch, self._pending
+        if not texts or pl is None or ch is None:
+            return
+        pl.feed(ch, texts[0] if len(texts) == 1 else "".join(texts))
+        texts.clear()
+        self._fed_chars = self.ex.output_chars
+
     def _on_done(self, ev: SSEEvent) -> bytes:
         self.done = True
         pl = self.pipeline
         if pl is None:
             return ev.raw
+        if self._pending:
+            self._feed_pending()
         # detectors finish first: a match they only confirm at the end (a pattern that could
         # still have grown) must be redacted or blocked before the held text is released
         pl.finish(finish_reason=self.ex.finish_reasons[-1] if self.ex.finish_reasons else None)
@@ -237,6 +276,8 @@ class StreamRelay:
         pl = self.pipeline
         tail = b""
         if pl is not None:
+            if self._pending:
+                self._feed_pending()
             pl.finish(truncated=True)
             if pl.flow is Flow.BLOCK:
                 return self._block(), True
@@ -253,6 +294,8 @@ class StreamRelay:
         pl = self.pipeline
         if pl is None or self.done or self.blocked:
             return b""
+        if self._pending:
+            self._feed_pending()
         pl.finish(truncated=True)
         if pl.flow is Flow.BLOCK:
             return self._block()

@@ -8,7 +8,7 @@ reports, it does not gate.
     python -m tests.bench.run                      everything
     python -m tests.bench.run --only core,micro    some parts (core, pipeline, micro, others)
     python -m tests.bench.run --profile stream     py-spy profile of the proxy under one load
-                                                   (unary, stream, stream-1ms, stream-burst, regex)
+                                                   (unary, stream, stream-1ms, stream-burst, regex, trivial, plain)
     GAPWATCH_BENCH_SCALE=0.3 python -m ...         shorter batches (a quick look, noisier)
 """
 
@@ -55,21 +55,22 @@ def _others() -> list[str]:
 
 
 def _profile(mode: str) -> int:
-    if mode == "regex":
+    models = {"regex": "bench-regex", "trivial": "bench-trivial", "plain": "bench-plain"}
+    if mode in models:
         with proxy_core.workdir("gapwatch-profile-") as tmp:
             sim = proxy_core.start_simulator(tmp)
             try:
                 cfg = proxy_core.proxy_config(sim, proxy_core.free_port(), pipeline.ROUTES, pipeline.POLICIES)
                 proxy = proxy_core.start_proxy(cfg, tmp)
                 try:
-                    print(proxy_core.profile_proxy(proxy, pipeline._spec("bench-regex"), 1, 8.0, tmp))
+                    print(proxy_core.profile_proxy(proxy, pipeline._spec(models[mode]), 1, 8.0, tmp))
                 finally:
                     proxy.stop()
             finally:
                 sim.stop()
         return 0
     if mode not in proxy_core.MODES:
-        print(f"unknown profile mode {mode!r}; use one of {', '.join([*proxy_core.MODES, 'regex'])}")
+        print(f"unknown profile mode {mode!r}; use one of {', '.join([*proxy_core.MODES, *models])}")
         return 2
     proxy_core.profile(mode)
     return 0
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             part(name, run_other)
     _summary(headline)
     if any(k.endswith(("_cpu_ms", "detector_ms", "share_pct")) for k in headline):
-        print("profile a missed target: python -m tests.bench.run --profile stream (or unary, regex); "
+        print("profile a missed target: python -m tests.bench.run --profile stream (or unary, regex, trivial, plain); "
               "needs py-spy: .venv/bin/pip install py-spy")
     print(f"total {time.monotonic() - t0:.0f}s, load average {os.getloadavg()[0]:.2f} at end"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))

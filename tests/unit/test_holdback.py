@@ -165,3 +165,47 @@ def test_responses_api_each_message_item_is_held_and_redacted():
     done = [orjson.loads(e.data) for e in SSEParser().feed(bytes(client)) if e.data]
     texts = [d["text"] for d in done if d["type"] == "response.output_text.done"]
     assert texts == ["first [REDACTED:secret] done"] * 2
+
+
+@settings(max_examples=150, deadline=None)
+@given(order=st.lists(st.sampled_from(["c0", "c1", "tool"]), min_size=3, max_size=60),
+       cuts=st.lists(st.integers(1, 9), min_size=1, max_size=60))
+def test_observe_feeds_every_channel_in_order_when_channels_interleave(order, cuts):
+    """Observe-only policies feed text in batches per channel; interleaved choices and tool
+    calls must still reach each channel's detector whole and in order: every secret is found
+    once, in the channel it was written to."""
+    texts = {"c0": "a " + SECRET + " b", "c1": "x" + SECRET, "tool": '{"k": "' + SECRET + '"}'}
+    pos = dict.fromkeys(texts, 0)
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    out = bytearray()
+    cut = iter(cuts * 20)
+    schedule = [*order, *(["c0", "c1", "tool"] * 40)]
+    for who in schedule:
+        if pos[who] >= len(texts[who]):
+            continue
+        n = next(cut, 5)
+        piece = texts[who][pos[who] : pos[who] + n]
+        first = pos[who] == 0
+        pos[who] += n
+        if who == "tool":
+            fn = {"name": "save", "arguments": piece} if first else {"arguments": piece}
+            delta = {"tool_calls": [{"index": 0, **({"id": "t1", "type": "function"} if first else {}),
+                                     "function": fn}]}
+            choice = {"index": 0, "delta": delta, "finish_reason": None}
+        else:
+            choice = {"index": int(who[1]), "delta": {"content": piece}, "finish_reason": None}
+        out += b"data: " + orjson.dumps({**base, "choices": [choice]}) + b"\n\n"
+    for i in (0, 1):
+        out += b"data: " + orjson.dumps({**base, "choices": [{"index": i, "delta": {}, "finish_reason": "stop"}]})
+        out += b"\n\n"
+    out += b"data: [DONE]\n\n"
+    policy = build_policy("observe")
+    ex = Exchange(request_id="r", method="POST", path="/v1/chat/completions", endpoint="chat")
+    pl = ResponsePipeline(policy, RequestContext())
+    r = StreamRelay(ex, pl, policy.rewrites)
+    client = bytearray()
+    for ev in SSEParser().feed(bytes(out)):
+        client += r.on_event(ev, 0.0)
+    assert bytes(client) == bytes(out)
+    found = sorted((a.finding.channel.key, a.finding.span) for a in pl.outcome.applied)
+    assert found == sorted([("0:text", (2, 18)), ("1:text", (1, 17)), ("0:tool:0", (7, 23))])
