@@ -16,6 +16,7 @@ builds itself, responses it relays. That subset is what this module does, and no
 - gzip and deflate decoded incrementally (the proxy asks for ``identity``; these cover upstreams
   that compress anyway); other codings are left to the caller (``raw`` reads);
 - back-pressure: reading from the upstream socket pauses while 256 KiB are buffered unread;
+  a response head (status line and headers) over 64 KiB is a protocol error;
 - redirects are never followed, no cookies are stored, no proxy environment is consulted:
   nothing here can send a request anywhere but the configured origin.
 """
@@ -34,6 +35,10 @@ import httptools
 
 DECODABLE = frozenset({"identity", "gzip", "deflate"})
 _HIGH_WATER = 256 * 1024  # unread response bytes before the socket stops being read
+# the status line and headers of one response (interim 1xx included) may not exceed this: an
+# upstream that sends headers without end cannot grow the proxy's memory (nginx allows 4-8 KiB
+# per buffer, Node 16 KiB; provider responses carry about 1-2 KiB)
+MAX_HEAD_BYTES = 64 * 1024
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -169,14 +174,15 @@ class Response:
     """One upstream response, its body read chunk by chunk. Close it (``aclose``) always: that
     returns the connection to the pool when the body was read to the end, else closes it."""
 
-    __slots__ = ("_buffered", "_chunks", "_conn", "_decoder", "_error", "_head", "_keep_alive", "_pool",
-                 "_raw_headers", "_released", "_waiter", "complete", "headers", "status_code")
+    __slots__ = ("_buffered", "_chunks", "_conn", "_decoder", "_error", "_head", "_head_bytes", "_keep_alive",
+                 "_pool", "_raw_headers", "_released", "_waiter", "complete", "headers", "status_code")
 
     def __init__(self, pool: Pool, conn: _Connection, head: bool) -> None:
         self._pool = pool
         self._conn = conn
         self._head = head
         self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0  # bytes received before the headers were complete
         self.status_code = 0
         self.headers = Headers(self._raw_headers)
         self._chunks: collections.deque[bytes] = collections.deque()
@@ -288,6 +294,11 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            if not r.status_code:
+                r._head_bytes += len(data)
+                if r._head_bytes > MAX_HEAD_BYTES:
+                    r._fail(RemoteProtocolError(f"the upstream's response headers exceed {MAX_HEAD_BYTES} bytes"))
+                    self.abort()
         except httptools.HttpParserUpgrade:
             r._fail(RemoteProtocolError("the upstream switched protocols"))
             self.abort()

@@ -314,3 +314,16 @@ async def test_https_upstream_verified_with_the_configured_ca(tmp_path: Path):
 def test_tls_ca_file_must_exist():
     with pytest.raises(ValueError, match="tls_ca_file"):
         UpstreamConfig(base_url="https://h", tls_ca_file="/nonexistent/ca.pem")
+
+
+async def test_response_headers_without_end_are_cut_off_at_the_head_limit():
+    pad = b"x-pad: " + b"a" * 1000 + b"\r\n"
+    endless = [b"HTTP/1.1 200 OK\r\n", *([pad * 8] * 200)]  # 1.6 MB of headers, never a blank line
+    async with server(lambda req, n: endless if n == 0 else ok(extra=pad * 60)) as (port, _rec):
+        pool = Pool(f"http://127.0.0.1:{port}")
+        with pytest.raises(RemoteProtocolError, match="headers exceed"):
+            await fetch(pool)
+        # a large but bounded head (about 60 KiB) is fine, on a fresh connection
+        status, body = await fetch(pool)
+        assert (status, body) == (200, b"{}")
+        await pool.aclose()
