@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -90,6 +91,9 @@ class UpstreamConfig(_Strict):
     def _url(cls, v: str) -> str:
         if not re.match(r"^https?://[^/\s]+", v):
             raise ValueError(f"base_url must be an http(s) URL, got {v!r}")
+        if "@" in urlsplit(v).netloc:
+            raise ValueError("base_url must not carry credentials (user:password@): put the key in an env var "
+                             "named by api_key_env, or a header under headers")
         return v.rstrip("/")
 
     @field_validator("auth_header")

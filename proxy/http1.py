@@ -63,6 +63,10 @@ class RemoteProtocolError(HTTPError):
     response was complete."""
 
 
+class StaleConnection(RemoteProtocolError):
+    """A kept-alive connection the upstream had closed: not one byte of a response came."""
+
+
 class DecodingError(HTTPError):
     """A gzip/deflate body that does not decode."""
 
@@ -106,17 +110,14 @@ class Headers:
 
 
 class _Decoder:
-    """Incremental content decoding, codings undone in reverse order of application."""
+    """Incremental content decoding, codings undone in reverse order of application. A body
+    that ends inside a compressed stream is an error, never a silently shorter text."""
 
     __slots__ = ("_objs",)
 
     def __init__(self, codings: list[str]) -> None:
-        self._objs: list[Any] = []
-        for c in reversed(codings):
-            if c == "gzip":
-                self._objs.append(zlib.decompressobj(zlib.MAX_WBITS | 16))
-            elif c == "deflate":
-                self._objs.append(_Deflate())
+        self._objs: list[_Gzip | _Deflate] = [_Gzip() if c == "gzip" else _Deflate()
+                                              for c in reversed(codings) if c in ("gzip", "deflate")]
 
     def decode(self, data: bytes) -> bytes:
         try:
@@ -136,27 +137,61 @@ class _Decoder:
         return out
 
 
-class _Deflate:
-    """``deflate`` is meant to be zlib-wrapped, but some servers send raw deflate: try the
-    zlib wrapper first, then raw (what browsers and httpx do)."""
+class _Gzip:
+    """gzip, including several members back to back (RFC 1952 allows it; ``gzip -c a b``)."""
 
-    __slots__ = ("_first", "_obj")
+    __slots__ = ("_fed", "_obj")
 
     def __init__(self) -> None:
-        self._obj = zlib.decompressobj()
-        self._first = True
+        self._obj = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        self._fed = False
 
     def decompress(self, data: bytes) -> bytes:
-        if self._first and data:
-            self._first = False
-            try:
-                return self._obj.decompress(data)
-            except zlib.error:
-                self._obj = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._fed = self._fed or bool(data)
+        out = self._obj.decompress(data)
+        while self._obj.eof and self._obj.unused_data:
+            rest = self._obj.unused_data  # the next member (or junk, which then fails to decode)
+            self._obj = zlib.decompressobj(zlib.MAX_WBITS | 16)
+            out += self._obj.decompress(rest)
+        return out
+
+    def flush(self) -> bytes:
+        out = self._obj.flush()
+        if self._fed and not self._obj.eof:
+            raise zlib.error("the compressed body ends early")
+        return out
+
+
+class _Deflate:
+    """``deflate`` is meant to be zlib-wrapped, but some servers send raw deflate: the first two
+    bytes tell (a zlib header is CM=8 and a multiple of 31), whatever the chunking."""
+
+    __slots__ = ("_head", "_obj")
+
+    def __init__(self) -> None:
+        self._obj: Any = None
+        self._head = b""
+
+    def decompress(self, data: bytes) -> bytes:
+        if self._obj is None:
+            data = self._head + data
+            if len(data) < 2:
+                self._head = data
+                return b""
+            self._head = b""
+            wrapped = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+            self._obj = zlib.decompressobj() if wrapped else zlib.decompressobj(-zlib.MAX_WBITS)
         return self._obj.decompress(data)
 
     def flush(self) -> bytes:
-        return self._obj.flush()
+        if self._obj is None:
+            if self._head:
+                raise zlib.error("the compressed body ends early")
+            return b""
+        out = self._obj.flush()
+        if not self._obj.eof:
+            raise zlib.error("the compressed body ends early")
+        return out
 
 
 def _decoder_for(headers: Headers) -> _Decoder | None:
@@ -174,15 +209,17 @@ class Response:
     """One upstream response, its body read chunk by chunk. Close it (``aclose``) always: that
     returns the connection to the pool when the body was read to the end, else closes it."""
 
-    __slots__ = ("_buffered", "_chunks", "_conn", "_decoder", "_error", "_head", "_head_bytes", "_keep_alive",
-                 "_pool", "_raw_headers", "_released", "_waiter", "complete", "headers", "status_code")
+    __slots__ = ("_buffered", "_chunks", "_conn", "_decoder", "_error", "_got_bytes", "_head", "_head_bytes",
+                 "_keep_alive", "_pool", "_raw_headers", "_released", "_waiter", "complete", "headers",
+                 "status_code")
 
     def __init__(self, pool: Pool, conn: _Connection, head: bool) -> None:
         self._pool = pool
         self._conn = conn
         self._head = head
         self._raw_headers: list[tuple[bytes, bytes]] = []
-        self._head_bytes = 0  # bytes received before the headers were complete
+        self._head_bytes = 0  # bytes received since the last body bytes (head, trailers, framing)
+        self._got_bytes = False  # any byte at all of this response
         self.status_code = 0
         self.headers = Headers(self._raw_headers)
         self._chunks: collections.deque[bytes] = collections.deque()
@@ -292,19 +329,37 @@ class _Connection(asyncio.Protocol):
         if r is None or r.complete:
             self.abort()  # bytes nobody asked for: the connection's state is unknown now
             return
+        before = r._buffered
+        r._got_bytes = True
         try:
             self.parser.feed_data(data)
-            if not r.status_code:
-                r._head_bytes += len(data)
-                if r._head_bytes > MAX_HEAD_BYTES:
-                    r._fail(RemoteProtocolError(f"the upstream's response headers exceed {MAX_HEAD_BYTES} bytes"))
-                    self.abort()
         except httptools.HttpParserUpgrade:
             r._fail(RemoteProtocolError("the upstream switched protocols"))
             self.abort()
+            return
+        except httptools.HttpParserCallbackError as exc:
+            # a second response began in the same read (see on_message_begin), or the head
+            # was refused (on_headers_complete): the connection cannot be trusted any more
+            r._fail(exc.__context__ if isinstance(exc.__context__, HTTPError)
+                    else RemoteProtocolError(f"the upstream sent an invalid HTTP response ({exc.__context__})"))
+            self.abort()
+            return
         except httptools.HttpParserError as exc:
             r._fail(RemoteProtocolError(f"the upstream sent an invalid HTTP response ({exc})"))
             self.abort()
+            return
+        if r.complete:
+            return
+        if r._buffered == before:
+            # head, trailers or chunk framing and no body: bounded like a head, so an upstream
+            # that sends headers (or trailers) without end cannot grow memory
+            r._head_bytes += len(data)
+            if r._head_bytes > MAX_HEAD_BYTES:
+                r._fail(RemoteProtocolError(f"the upstream's response headers or trailers exceed "
+                                            f"{MAX_HEAD_BYTES} bytes"))
+                self.abort()
+        else:
+            r._head_bytes = 0
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -314,18 +369,29 @@ class _Connection(asyncio.Protocol):
         r = self.resp
         if r is None or r.complete:
             return
-        if r.status_code and _close_delimited(r):
-            r.complete = True  # a body without length ends when the connection does
+        if r.status_code and _close_delimited(r) and exc is None:
+            r.complete = True  # a body without length ends when the connection closes (not resets)
             r._keep_alive = False
             r._wake()
             return
         what = "the response body" if r.status_code else "a response"
         reason = f" ({type(exc).__name__})" if exc is not None else ""
-        r._fail(RemoteProtocolError(f"the upstream closed the connection before {what} was complete{reason}"))
+        cls = RemoteProtocolError if r._got_bytes else StaleConnection
+        r._fail(cls(f"the upstream closed the connection before {what} was complete{reason}"))
 
     # llhttp callbacks (httptools), called from feed_data
+    def on_message_begin(self) -> None:
+        r = self.resp
+        if r is not None and (r.status_code or r.complete):
+            # a second response in the same read: never merged into this one, and the
+            # connection is never reused (its next bytes would belong to nobody)
+            raise RemoteProtocolError("the upstream sent more than one response to one request")
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.resp._raw_headers.append((name, value))  # type: ignore[union-attr]
+        r = self.resp
+        if r is not None and not r.status_code:
+            r._raw_headers.append((name, value))
+        # else a trailer field (after a chunked body): dropped, never merged into the headers
 
     def on_headers_complete(self) -> None:
         r = self.resp
@@ -334,6 +400,12 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200:
             r._raw_headers.clear()  # an interim response (100 Continue, 103 Early Hints)
             return
+        te = [v for k, v in r._raw_headers if k.lower() == b"transfer-encoding"]
+        if te and not b",".join(te).lower().rstrip().endswith(b"chunked"):
+            # RFC 9112 6.3: a response with a transfer coding other than a final chunked would
+            # run to EOF still encoded; nothing here can undo it, so it is refused, not relayed
+            raise RemoteProtocolError(f"the upstream sent an unsupported transfer-encoding "
+                                      f"({b', '.join(te).decode('latin-1')[:60]})")
         r.status_code = status
         if r._head:
             r.complete = True  # no body follows a HEAD; the connection is not reused (see close)
@@ -448,17 +520,28 @@ class Pool:
         conn: _Connection | None = None
         try:
             conn = self._take_idle()
-            if conn is None:
-                conn = await self._connect()
-            resp = Response(self, conn, method == "HEAD")
-            conn.resp = resp
-            assert conn.transport is not None
-            if body:
-                conn.transport.writelines((head, body))
-            else:
-                conn.transport.write(head)
-            await resp._wait_headers()
-            return resp
+            while True:
+                reused = conn is not None
+                if conn is None:
+                    conn = await self._connect()
+                resp = Response(self, conn, method == "HEAD")
+                conn.resp = resp
+                assert conn.transport is not None
+                if body:
+                    conn.transport.writelines((head, body))
+                else:
+                    conn.transport.write(head)
+                try:
+                    await resp._wait_headers()
+                    return resp
+                except StaleConnection:
+                    if not reused:
+                        raise
+                    # the upstream closed this idle connection as the request went out (its
+                    # keep-alive timeout): it answered nothing, so the request goes once more,
+                    # on a new connection (what browsers and Go's client do in this race)
+                    conn.abort()
+                    conn = None
         except BaseException:
             if conn is not None:
                 conn.abort()

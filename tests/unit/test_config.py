@@ -98,3 +98,9 @@ def test_upstream_key_without_tenants_needs_explicit_anonymous():
     os.environ["K_FOR_TEST"] = "sk-x"
     raw["upstreams"]["openai"]["api_key_env"] = "K_FOR_TEST"
     load_dict({**raw, "server": {"allow_anonymous": True}}, {})
+
+
+def test_credentials_in_base_url_are_refused_with_the_path():
+    raw = {**BASE, "upstreams": {"openai": {"base_url": "https://user:sk-secret@api.openai.com/v1"}}}
+    found = [p for p in problems(raw) if p.startswith("upstreams.openai.base_url:")]
+    assert found and "api_key_env" in found[0] and "sk-secret" not in found[0]

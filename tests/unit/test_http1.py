@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import socket
 import ssl
+import struct
 import subprocess
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -321,9 +323,108 @@ async def test_response_headers_without_end_are_cut_off_at_the_head_limit():
     endless = [b"HTTP/1.1 200 OK\r\n", *([pad * 8] * 200)]  # 1.6 MB of headers, never a blank line
     async with server(lambda req, n: endless if n == 0 else ok(extra=pad * 60)) as (port, _rec):
         pool = Pool(f"http://127.0.0.1:{port}")
-        with pytest.raises(RemoteProtocolError, match="headers exceed"):
+        with pytest.raises(RemoteProtocolError, match="headers or trailers exceed"):
             await fetch(pool)
         # a large but bounded head (about 60 KiB) is fine, on a fresh connection
         status, body = await fetch(pool)
         assert (status, body) == (200, b"{}")
+        await pool.aclose()
+
+
+async def test_a_second_response_in_the_same_read_is_never_merged_and_the_connection_not_reused():
+    smuggled = b"HTTP/1.1 500 Evil\r\ncontent-length: 4\r\nset-cookie: x=1\r\n\r\nEVIL"
+    answers = [[b"".join(ok(b"hi")) + smuggled], ok(b"second")]
+    async with server(lambda req, n: answers[n]) as (port, rec):
+        pool = Pool(f"http://127.0.0.1:{port}")
+        resp = await pool.request("POST", "/x", {}, b"{}")
+        assert resp.status_code == 200 and await resp.aread() == b"hi"
+        assert resp.headers.get("set-cookie") is None and resp.headers["content-length"] == "2"
+        resp.close()
+        assert await fetch(pool) == (200, b"second")  # its own answer, on a new connection
+        assert rec.connections == 2
+        await pool.aclose()
+
+
+async def test_trailers_are_dropped_and_bounded():
+    trailer = [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: application/json\r\n\r\n",
+               b"2\r\nok\r\n0\r\nset-cookie: sid=from-trailer\r\ncontent-type: text/html\r\n\r\n"]
+    flood = [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-big: ",
+             *([b"a" * 8192] * 40)]  # 320 KiB of one trailer value, never finished
+    answers = [trailer, flood]
+    async with server(lambda req, n: answers[n]) as (port, _):
+        pool = Pool(f"http://127.0.0.1:{port}")
+        resp = await pool.request("POST", "/x", {}, b"{}")
+        assert await resp.aread() == b"ok"
+        assert resp.headers.get("set-cookie") is None and resp.headers["content-type"] == "application/json"
+        resp.close()
+        with pytest.raises(RemoteProtocolError, match="trailers exceed"):
+            await fetch(pool)
+        await pool.aclose()
+
+
+async def test_idle_connection_closed_by_the_upstream_is_retried_once_on_a_new_one():
+    # the upstream answers the first request, then closes that kept-alive connection on
+    # reading the next one without a byte (its keep-alive timeout racing our reuse)
+    answers = [ok(b"1"), None, ok(b"2"), None]
+    async with server(lambda req, n: answers[n]) as (port, rec):
+        pool = Pool(f"http://127.0.0.1:{port}")
+        assert await fetch(pool) == (200, b"1")
+        assert await fetch(pool) == (200, b"2")
+        assert len(rec.requests) == 3 and rec.connections == 2
+        # a fresh connection that answers nothing is an error, never retried
+        await pool.aclose()
+        pool = Pool(f"http://127.0.0.1:{port}")
+        with pytest.raises(RemoteProtocolError, match="before a response"):
+            await fetch(pool)
+        assert len(rec.requests) == 4 and pool._in_use == 0
+        await pool.aclose()
+
+
+async def test_a_reset_never_ends_a_close_delimited_body():
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: part")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        writer.transport.abort()
+
+    srv = await asyncio.start_server(handler, "127.0.0.1", 0)
+    pool = Pool(f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}")
+    with pytest.raises(RemoteProtocolError, match="before the response body was complete"):
+        await fetch(pool)
+    await pool.aclose()
+    srv.close()
+
+
+async def test_gzip_members_truncation_and_deflate_split_at_any_byte():
+    text = b"data: " + b"y" * 3000 + b"\n\n"
+    two = gzip.compress(text[:1000]) + gzip.compress(text[1000:])
+    gz = gzip.compress(text)
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    rd = raw.compress(text) + raw.flush()
+    answers = [
+        chunked(two[:7], two[7:], extra=b"content-encoding: gzip\r\n"),  # two members back to back
+        chunked(rd[:1], rd[1:2], rd[2:], extra=b"content-encoding: deflate\r\n"),  # raw, first byte alone
+        chunked(zlib.compress(text)[:1], zlib.compress(text)[1:], extra=b"content-encoding: deflate\r\n"),
+        chunked(gz[: len(gz) // 2], extra=b"content-encoding: gzip\r\n"),  # framed fine, stream cut
+        ok(b"", extra=b"content-encoding: gzip\r\n"),  # empty body: nothing to decode
+    ]
+    async with server(lambda req, n: answers[n]) as (port, _):
+        pool = Pool(f"http://127.0.0.1:{port}")
+        for _ in range(3):
+            assert await fetch(pool) == (200, text)
+        with pytest.raises(Exception, match="ends early"):
+            await fetch(pool)
+        assert await fetch(pool) == (200, b"")
+        await pool.aclose()
+
+
+async def test_a_transfer_coding_other_than_final_chunked_is_refused():
+    answers = [[b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", gzip.compress(b"x"), b"<close>"]]
+    async with server(lambda req, n: answers[n]) as (port, _):
+        pool = Pool(f"http://127.0.0.1:{port}")
+        with pytest.raises(RemoteProtocolError, match="transfer-encoding"):
+            await fetch(pool)
         await pool.aclose()
