@@ -9,10 +9,13 @@ builds itself, responses it relays. That subset is what this module does, and no
 
 - keep-alive pool per upstream (LIFO, idle expiry, ``max_connections`` in use at once);
 - connect timeout and bounded connect retries (0 s, 0.5 s, 1 s, ... back-off); a request that
-  reached the upstream is never retried (it is not idempotent);
+  reached the upstream is never retried (it is not idempotent), with one exception: a kept-alive
+  connection that closes without a byte of response (the upstream's keep-alive timeout racing
+  its reuse) sends the request once more, on a new connection;
 - TLS via the standard ``ssl`` module and certifi's CA bundle (or a configured CA file);
 - responses parsed by llhttp: Content-Length, chunked and close-delimited bodies, 1xx skipped;
-  a body cut short is an error, never a silent short read;
+  a body cut short (or a close-delimited one ended by a reset) is an error, never a silent
+  short read; trailers are dropped; bytes after the response close the connection;
 - gzip and deflate decoded incrementally (the proxy asks for ``identity``; these cover upstreams
   that compress anyway); other codings are left to the caller (``raw`` reads);
 - back-pressure: reading from the upstream socket pauses while 256 KiB are buffered unread;

@@ -92,16 +92,23 @@ def proc_cpu_seconds(pid: int) -> float:
 class Server:
     """A server subprocess we started: its command, port, log file and CPU counter."""
 
-    def __init__(self, name: str, argv: list[str], port: int, ready_path: str, logdir: Path) -> None:
+    def __init__(self, name: str, argv: list[str], port: int, ready_path: str, logdir: Path, *,
+                 env: dict[str, str] | None = None, ready_timeout: float = 30.0) -> None:
+        """``env`` adds to this process's environment (peer gateways need their own settings);
+        ``ready_timeout`` is how long ``GET ready_path`` may take to answer 200."""
         self.name = name
         self.argv = argv
         self.port = port
         self.log_path = logdir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
                                      stdin=subprocess.DEVNULL)
-        self._wait_ready(ready_path)
+        try:
+            self._wait_ready(ready_path, ready_timeout)
+        except BaseException:  # not ready, or Ctrl-C while waiting: never leave it running
+            self.stop()
+            raise
 
     @property
     def pid(self) -> int:
