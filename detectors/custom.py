@@ -28,8 +28,8 @@ from detectors.stream_scan import NamedAlternatives, StreamScanner, named_altern
 
 SeverityName = str
 
-# scan the regex window once per this many new characters rather than on every delta (the
-# pipeline then also calls ``feed`` only that often: ``feed_batch_chars``)
+# the pipeline feeds the detector (and so scans the window) once per this many new characters
+# of a channel rather than on every delta (``feed_batch_chars``; the hold-back adds it - 1)
 _SCAN_BATCH_CHARS = 24
 
 
@@ -107,7 +107,10 @@ class _RegexState(ChannelState):
     def __init__(self, det: RegexDetector, channel: Channel) -> None:
         self._det = det
         self._channel = channel
-        self._scanner = StreamScanner(det._pattern, det._window, _SCAN_BATCH_CHARS, det._finder)
+        # no batching of its own: the pipeline already feeds per ``feed_batch_chars``, and a
+        # second layer would let up to twice that go unscanned after a partial feed (a logprobs
+        # event flushes what is pending) while the hold-back covers it once
+        self._scanner = StreamScanner(det._pattern, det._window, 1, det._finder)
 
     def _findings(self, hits: list[tuple[int, int, Any]]) -> list[Finding]:
         out = []

@@ -83,7 +83,9 @@ def re2_finder(pattern: Any) -> Finder | None:
         s, e = match(unanchored, raw, len(text[:pos].encode()), len(raw))[0]
         if s < 0:
             return None
-        return len(raw[:s].decode()), len(raw[:e].decode())  # RE2 matches on character boundaries
+        # RE2 works on bytes: an empty match (``\B``) can fall inside a character; it then
+        # counts at that character's start
+        return len(raw[:s].decode(errors="ignore")), len(raw[:e].decode(errors="ignore"))
 
     return find
 

@@ -320,12 +320,33 @@ class ResponsePipeline:
 
     def _flush(self, lane: _Lane) -> None:
         """Feed the batched detectors what they have not seen yet."""
-        if lane.pending_n:
+        if lane.pending_n and self.flow is not Flow.BLOCK:  # after a block: settle_observers
             text = lane.pending[0] if len(lane.pending) == 1 else "".join(lane.pending)
             lane.pending.clear()
             lane.pending_n = 0
-            if self.flow is not Flow.BLOCK:
-                self._feed_slots(lane.batched, text)
+            self._feed_slots(lane.batched, text)
+
+    def settle_observers(self) -> None:
+        """After a block: the text batched for detectors that only observe or annotate still
+        reaches them (their findings change nothing the client gets, but belong in the
+        incident record and metrics of this response). Detectors that act are not fed."""
+        watching = {i for i, (entry, _det, state) in enumerate(self._states)
+                    if state is not None and (entry.action in ("observe", "annotate") or self.policy.config.shadow)}
+        if not watching:
+            return
+        end = StreamEnd(truncated=True)  # nothing more of this response reaches them
+        for lane in self._lanes.values():
+            if lane.pending_n:
+                text = "".join(lane.pending)
+                lane.pending.clear()
+                lane.pending_n = 0
+                self._feed_slots([(i, cs) for i, cs in lane.batched if i in watching], text)
+            for i, cs in (*lane.now, *lane.batched):
+                entry, _det, state = self._states[i]
+                if i in watching and state is not None:
+                    found = self._guard(entry, lambda cs=cs: cs.finish(end))
+                    for f in found or ():
+                        self._apply(entry, f)
 
     def _apply(self, entry: DetectorEntry, f: Finding) -> None:
         intended = entry.action if f.severity >= entry.min_severity_value else "observe"
@@ -430,6 +451,8 @@ class ResponsePipeline:
     def finish(self, truncated: bool = False, finish_reason: str | None = None) -> None:
         """End of response: finish every open channel, then response-level checks."""
         end = StreamEnd(finish_reason=finish_reason, truncated=truncated)
+        if self.flow is Flow.BLOCK:
+            self.settle_observers()
         for ch, _buf in list(self.channels.values()):
             self.finish_channel(ch, end)
         if self.flow is not Flow.BLOCK:

@@ -172,6 +172,7 @@ class StreamRelay:
                     return self._block()
                 if self.rewrite:
                     out = self._flush_all()
+                out += self._annotations()
             self.done = True
             self.ex.truncated = True
             return out + ev.raw
@@ -198,11 +199,15 @@ class StreamRelay:
             if ex.outputs is not None:
                 ex.record_output(ch, text)
         if lazy:
-            # pending = the output counted since the last feed (no second counter per event)
-            if not special and ex.output_chars - self._fed_chars < OBSERVE_BATCH_CHARS:
+            # the output counted since the last batch (no second counter per event); a feed on
+            # a channel switch may have found something that blocks (a detector failing
+            # closed) or annotates: that event goes the whole way
+            if (not special and ex.output_chars - self._fed_chars < OBSERVE_BATCH_CHARS
+                    and pl.flow is Flow.CONTINUE and not pl.new_annotations):  # type: ignore[union-attr]
                 stripped = self.ex.strip_logprobs and _strip_logprobs(obj)
                 return b"data: " + orjson.dumps(obj) + b"\n\n" if stripped else ev.raw
             self._feed_pending()
+            self._fed_chars = ex.output_chars
         if pl is not None:
             for ch, items in ex_.logprobs:
                 pl.feed_logprobs(ch, items)
@@ -235,7 +240,6 @@ class StreamRelay:
             return
         pl.feed(ch, texts[0] if len(texts) == 1 else "".join(texts))
         texts.clear()
-        self._fed_chars = self.ex.output_chars
 
     def _on_done(self, ev: SSEEvent) -> bytes:
         self.done = True
@@ -252,15 +256,18 @@ class StreamRelay:
         out = b""
         if self.rewrite:
             out += self._flush_all()
-        notes = pl.pop_annotations()
-        if notes:
-            out += annotation_comment(notes)
-        return out + ev.raw
+        return out + self._annotations() + ev.raw
+
+    def _annotations(self) -> bytes:
+        """The comment line for findings not yet announced (empty when there are none)."""
+        notes = self.pipeline.pop_annotations() if self.pipeline is not None else None
+        return annotation_comment(notes) if notes else b""
 
     def _block(self) -> bytes:
         self.blocked = True
         self.done = True
         assert self.pipeline is not None
+        self.pipeline.settle_observers()
         self.pipeline.pop_annotations()
         return block_events(self.ex.endpoint, self.pipeline.outcome.blocked_by, self.ex, self.choices,
                             self.base)
@@ -283,6 +290,7 @@ class StreamRelay:
                 return self._block(), True
             if self.rewrite:  # the text held back so far, checked to the end, goes out first
                 tail = self._flush_all()
+            tail += self._annotations()
         # after the upstream's own error event there is nothing to add
         return tail, self.errored
 
@@ -299,7 +307,7 @@ class StreamRelay:
         pl.finish(truncated=True)
         if pl.flow is Flow.BLOCK:
             return self._block()
-        return self._flush_all() if self.rewrite else b""
+        return (self._flush_all() if self.rewrite else b"") + self._annotations()
 
     # -- rewrite mode -----------------------------------------------------------------------
 

@@ -650,6 +650,13 @@ class ProxyApp:
             timer.close()
             await _send(sent, bytes(held) + tail, False, timer)
             return False
+        except (asyncio.CancelledError, ClientStalled):
+            # the client left or stopped reading: nothing more is sent, but the detectors
+            # finish on what arrived, so this response's findings reach incidents and metrics
+            if not relay.done:
+                with contextlib.suppress(Exception):
+                    relay.on_abort()
+            raise
         finally:
             timer.close()
             for kind in relay.anomalies:

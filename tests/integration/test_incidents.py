@@ -70,3 +70,34 @@ def test_admin_alerts_endpoint(start_proxy, sim):
     assert httpx.get(f"{p.url}/admin/alerts").status_code == 401
     got = httpx.get(f"{p.url}/admin/alerts", headers={"authorization": "Bearer admin-secret-token"}).json()
     assert got == {"active": [], "history": []}
+
+
+def test_findings_of_a_stream_the_client_left_still_become_incidents(start_proxy, sim):
+    """An annotate policy feeds its detectors per batch of text; when the client disconnects
+    mid-stream, the detectors still finish on what arrived and the incident is recorded."""
+    cfg = proxy_config(
+        sim.url, server={"admin_token": "admin-secret-token"},
+        policies={"default": {"detectors": {
+            "regex": {"action": "annotate", "patterns": {"acct": "ACCT-[0-9]{8}"}}}}},
+    )
+    p = start_proxy(cfg)
+    text = "your account is ACCT-12345678. " + "More words follow here. " * 40
+    client = p.client()
+    stream = client.chat.completions.create(
+        model="sim-echo", messages=[{"role": "user", "content": "q"}], stream=True,
+        extra_headers={"x-sim-output": b64(text), "x-sim-chunk-chars": "4", "x-sim-delay-ms": "20",
+                       "x-request-id": "req-left"})
+    got = ""
+    for chunk in stream:
+        got += chunk.choices[0].delta.content or "" if chunk.choices else ""
+        if len(got) > 40:
+            break
+    stream.close()  # the client goes away with most of the answer unsent
+    assert "ACCT-12345678" in got  # annotate changes nothing: the text went out
+
+    def recorded():
+        r = httpx.get(f"{p.url}/admin/incidents", headers={"authorization": "Bearer admin-secret-token"}).json()
+        return [i for i in r["incidents"] if i["request_id"] == "req-left"]
+
+    inc = eventually(recorded, timeout=5)
+    assert inc[0]["detector"] == "regex" and inc[0]["category"] == "acct" and inc[0]["action"] == "annotate"

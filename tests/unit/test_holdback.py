@@ -209,3 +209,110 @@ def test_observe_feeds_every_channel_in_order_when_channels_interleave(order, cu
     assert bytes(client) == bytes(out)
     found = sorted((a.finding.channel.key, a.finding.span) for a in pl.outcome.applied)
     assert found == sorted([("0:text", (2, 18)), ("1:text", (1, 17)), ("0:tool:0", (7, 23))])
+
+
+def _chat_stream(pieces: list[tuple[int, str, bool]], done: bool = True) -> bytes:
+    """(choice, text, with logprobs) per content event, then a finish per choice and [DONE]."""
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    out = bytearray()
+    for idx, text, lp in pieces:
+        ch: dict = {"index": idx, "delta": {"content": text}, "finish_reason": None}
+        if lp:
+            ch["logprobs"] = {"content": [{"token": text, "logprob": -0.1, "bytes": None, "top_logprobs": []}]}
+        out += b"data: " + orjson.dumps({**base, "choices": [ch]}) + b"\n\n"
+    if done:
+        for idx in sorted({p[0] for p in pieces}):
+            out += b"data: " + orjson.dumps({**base, "choices": [{"index": idx, "delta": {}, "finish_reason": "stop"}]})
+            out += b"\n\n"
+        out += b"data: [DONE]\n\n"
+    return bytes(out)
+
+
+def _run(policy: Policy, stream: bytes) -> tuple[bytes, ResponsePipeline, StreamRelay]:
+    ex = Exchange(request_id="r", method="POST", path="/v1/chat/completions", endpoint="chat")
+    pl = ResponsePipeline(policy, RequestContext())
+    r = StreamRelay(ex, pl, policy.rewrites)
+    client = bytearray()
+    for ev in SSEParser().feed(stream):
+        client += r.on_event(ev, 0.0)
+    if not r.done:
+        client += r.on_eof()[0]
+    return bytes(client), pl, r
+
+
+@settings(max_examples=300, deadline=None)
+@given(pre=st.integers(0, 80), cuts=st.lists(st.tuples(st.integers(1, 30), st.booleans()), min_size=1, max_size=40),
+       action=st.sampled_from(["redact", "block"]))
+def test_no_leak_when_only_some_chunks_carry_logprobs(pre, cuts, action):
+    """A logprobs event feeds what is pending early (detectors see text before its logprobs);
+    that partial feed must not leave more text unscanned than the hold-back covers."""
+    text = "a" * pre + SECRET + "b" * 50
+    pieces, i = [], 0
+    for c, lp in cuts:
+        if i >= len(text):
+            break
+        pieces.append((0, text[i : i + c], lp))
+        i += c
+    if i < len(text):
+        pieces.append((0, text[i:], False))
+    client, pl, _ = _run(build_policy(action), _chat_stream(pieces))
+    assert b"TOPSECRET" not in client and b"OPSECRET" not in client
+    assert pl.outcome.late_redactions == 0
+
+
+def test_logprobs_partial_feed_regression():
+    pieces = [(0, "aaaaaaaa" + SECRET, False), (0, "b" * 23, True), (0, "c" * 23, False), (0, "d" * 30, False)]
+    client, _, _ = _run(build_policy("redact"), _chat_stream(pieces))
+    assert b"[REDACTED:secret]" in client and b"TOPSECRET" not in client
+
+
+def test_annotations_arrive_promptly_with_interleaved_choices_and_on_a_cut_stream():
+    pieces = [(0, "x " + SECRET, False)] + [(k % 2, "word ", False) for k in range(400)]
+    for done in (True, False):
+        client, _, _ = _run(build_policy("annotate"), _chat_stream(pieces, done=done))
+        first = client.find(b": gapwatch")
+        assert first != -1, f"no annotation (done={done})"
+        # within a batch of the finding (256 characters of its channel: ~51 events of that
+        # choice, ~100 with two interleaved), not at the end (~400 events)
+        assert client[:first].count(b"data: ") < 110
+
+
+def test_a_detector_failing_closed_in_an_observe_policy_blocks_at_once(monkeypatch):
+    from detectors import custom
+
+    real = custom._RegexState.feed
+
+    def feed(self, text):
+        if "boom" in text:
+            raise RuntimeError("detector bug")
+        return real(self, text)
+
+    monkeypatch.setattr(custom._RegexState, "feed", feed)
+    cfg = load_dict({
+        "upstreams": {"u": {"base_url": "http://127.0.0.1:1/v1"}}, "routes": [{"upstream": "u"}],
+        "policies": {"default": {"detectors": {"regex": {"action": "observe", "on_error": "closed",
+                                                          "patterns": {"s": "TOPSECRET-[0-9a-f]{6}"}}}}},
+    })
+    policy = Policy.build("default", cfg.config.policies["default"], cfg.detectors["default"])
+    pieces = [(k % 2, "boom " if k == 1 else "fine ", False) for k in range(400)]
+    client, _pl, r = _run(policy, _chat_stream(pieces))
+    assert r.blocked and b"output_blocked" in client
+    # the detector sees text per batch (256 characters of its channel): it fails on the batch
+    # with "boom" and the stream ends there, not at [DONE]
+    assert client.count(b'"content":"fine "') < 110
+
+
+def test_observe_detectors_still_see_the_text_when_another_detector_blocks():
+    cfg = load_dict({
+        "upstreams": {"u": {"base_url": "http://127.0.0.1:1/v1"}}, "routes": [{"upstream": "u"}],
+        "policies": {"default": {"detectors": {
+            "regex": {"action": "annotate", "patterns": {"secret": "TOPSECRET-[0-9a-f]{6}"}},
+            "banned_substrings": {"action": "block", "substrings": ["FORBIDDEN"]}}}},
+    })
+    policy = Policy.build("default", cfg.config.policies["default"], cfg.detectors["default"])
+    text = "intro " + SECRET + " then " + "FORBIDDEN" + " tail" * 10
+    pieces = [(0, text[i : i + 4], False) for i in range(0, len(text), 4)]
+    client, pl, r = _run(policy, _chat_stream(pieces))
+    assert r.blocked and b"FORBIDDEN" not in client
+    found = {a.finding.detector for a in pl.outcome.applied}
+    assert found == {"regex", "banned_substrings"}

@@ -116,3 +116,20 @@ def test_regex_detector_finds_the_same_with_and_without_native_calls():
     assert len(fast) == 21
     det._pattern, det._finder = det._alternatives._fallback, None  # type: ignore[union-attr]
     assert run() == fast
+
+
+def test_an_empty_match_inside_a_multibyte_character_does_not_raise():
+    # RE2 works on UTF-8 bytes: \B can match between the bytes of "é"
+    alts = named_alternatives({"digits": r"\B\d*"})
+    assert alts is not None
+    text = "café au lait, 1234 et ünïcödé 56"
+    spans = [(m.start(), m.end()) for m in alts.finditer(text)]
+    assert (15, 18) in spans and all(0 <= s <= e <= len(text) for s, e in spans)
+    loaded = load_dict({"upstreams": {"u": {"base_url": "http://127.0.0.1:1/v1"}}, "routes": [{"upstream": "u"}],
+                        "policies": {"p": {"detectors": {"regex": {"action": "observe",
+                                                                   "patterns": {"digits": r"\B\d+"}}}}}})
+    pl = ResponsePipeline(Policy.build("p", loaded.config.policies["p"], loaded.detectors["p"]), RequestContext())
+    for i in range(0, len(text), 3):
+        pl.feed(Channel(), text[i : i + 3])
+    pl.finish()
+    assert pl.outcome.detector_errors == []
