@@ -182,9 +182,11 @@ class StreamRelay:
             # dropped (a rewrite sends nothing of it) and counted, never released unchecked
             self.anomalies.append("after_finish")
             pieces = [(ch, t) for ch, t in pieces if ch.choice not in self._finished_choices]
+        switched = False
         for ch, text in pieces:
             if lazy:
                 if ch is not self._pending_ch:
+                    switched = True
                     self._feed_pending()
                     self._pending_ch = ch
                 self._pending.append(text)
@@ -203,7 +205,7 @@ class StreamRelay:
             # a channel switch may have found something that blocks (a detector failing
             # closed) or annotates: that event goes the whole way
             if (not special and ex.output_chars - self._fed_chars < OBSERVE_BATCH_CHARS
-                    and pl.flow is Flow.CONTINUE and not pl.new_annotations):  # type: ignore[union-attr]
+                    and not (switched and (pl.flow is not Flow.CONTINUE or pl.new_annotations))):  # type: ignore[union-attr]
                 stripped = self.ex.strip_logprobs and _strip_logprobs(obj)
                 return b"data: " + orjson.dumps(obj) + b"\n\n" if stripped else ev.raw
             self._feed_pending()
