@@ -232,6 +232,7 @@ class ResponsePipeline:
         self._budget_ns = int(policy.config.detector_budget_ms * 1e6)
         self._rewrites = policy.rewrites
         self._lanes: dict[str, _Lane] = {}
+        self._settled = False  # settle_observers ran
         # per started detector: (entry, detector, its response state or None once it failed,
         # how many characters it may be fed at once)
         self._states: list[tuple[DetectorEntry, Detector, ResponseState | None]] = []
@@ -329,7 +330,11 @@ class ResponsePipeline:
     def settle_observers(self) -> None:
         """After a block: the text batched for detectors that only observe or annotate still
         reaches them (their findings change nothing the client gets, but belong in the
-        incident record and metrics of this response). Detectors that act are not fed."""
+        incident record and metrics of this response). Detectors that act are not fed.
+        Runs once per response."""
+        if self._settled:
+            return
+        self._settled = True
         watching = {i for i, (entry, _det, state) in enumerate(self._states)
                     if state is not None and (entry.action in ("observe", "annotate") or self.policy.config.shadow)}
         if not watching:

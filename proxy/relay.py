@@ -107,7 +107,7 @@ class StreamRelay:
         # channels are shared objects, so the common case is an identity check and an append
         self._pending_ch: Channel | None = None
         self._pending: list[str] = []
-        self._fed_chars = 0  # ex.output_chars at the last feed
+        self._fed_chars = 0  # ex.output_chars at the last batch feed
 
     # -- per event ---------------------------------------------------------------------------
 
