@@ -327,6 +327,13 @@ class ResponsePipeline:
             lane.pending_n = 0
             self._feed_slots(lane.batched, text)
 
+    def flush_batches(self) -> None:
+        """Feed every channel's batched detectors what they have not seen (a caller that
+        batches text itself keeps the two batch sizes from adding up)."""
+        for lane in self._lanes.values():
+            if lane.pending_n:
+                self._flush(lane)
+
     def settle_observers(self) -> None:
         """After a block: the text batched for detectors that only observe or annotate still
         reaches them (their findings change nothing the client gets, but belong in the
@@ -346,6 +353,8 @@ class ResponsePipeline:
                 lane.pending.clear()
                 lane.pending_n = 0
                 self._feed_slots([(i, cs) for i, cs in lane.batched if i in watching], text)
+            if lane.buf.finished:
+                continue  # finished before the block: finish is called once per channel
             for i, cs in (*lane.now, *lane.batched):
                 entry, _det, state = self._states[i]
                 if i in watching and state is not None:

@@ -209,6 +209,7 @@ class StreamRelay:
                 stripped = self.ex.strip_logprobs and _strip_logprobs(obj)
                 return b"data: " + orjson.dumps(obj) + b"\n\n" if stripped else ev.raw
             self._feed_pending()
+            pl.flush_batches()  # type: ignore[union-attr]
             self._fed_chars = ex.output_chars
         if pl is not None:
             for ch, items in ex_.logprobs:

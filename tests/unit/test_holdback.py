@@ -316,3 +316,15 @@ def test_observe_detectors_still_see_the_text_when_another_detector_blocks():
     assert r.blocked and b"FORBIDDEN" not in client
     found = {a.finding.detector for a in pl.outcome.applied}
     assert found == {"regex", "banned_substrings"}
+
+
+def test_relay_and_pipeline_batches_do_not_add_up():
+    """The relay batches an observe policy's text per 256 characters of output and the
+    pipeline per 256 of a channel; a relay batch flushes the pipeline's, so a finding is
+    announced within one batch of the text it is in, whatever the other channels did."""
+    one = [(1, "b", False)] + [(0, c, False) for c in SECRET + "x" * 700]
+    client, _, _ = _run(build_policy("annotate"), _chat_stream(one))
+    before = client[: client.find(b": gapwatch")]
+    sent = sum(len(orjson.loads(e.data)["choices"][0]["delta"].get("content") or "")
+               for e in SSEParser().feed(before) if e.data and e.data != "[DONE]")
+    assert 0 < sent <= 257  # the old bound was ~511: the two batch sizes added up
