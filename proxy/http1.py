@@ -10,8 +10,8 @@ builds itself, responses it relays. That subset is what this module does, and no
 - keep-alive pool per upstream (LIFO, idle expiry, ``max_connections`` in use at once);
 - connect timeout and bounded connect retries (0 s, 0.5 s, 1 s, ... back-off); a request that
   reached the upstream is never retried (it is not idempotent), with one exception: a kept-alive
-  connection that closes without a byte of response (the upstream's keep-alive timeout racing
-  its reuse) sends the request once more, on a new connection;
+  connection that closes without a byte of response within 0.5 s of the write (the upstream's
+  keep-alive timeout racing its reuse) sends the request once more, on a new connection;
 - TLS via the standard ``ssl`` module and certifi's CA bundle (or a configured CA file);
 - responses parsed by llhttp: Content-Length, chunked and close-delimited bodies, 1xx skipped;
   a body cut short (or a close-delimited one ended by a reset) is an error, never a silent
@@ -19,7 +19,8 @@ builds itself, responses it relays. That subset is what this module does, and no
 - gzip and deflate decoded incrementally (the proxy asks for ``identity``; these cover upstreams
   that compress anyway); other codings are left to the caller (``raw`` reads);
 - back-pressure: reading from the upstream socket pauses while 256 KiB are buffered unread;
-  a response head (status line and headers) over 64 KiB is a protocol error;
+  a response head (status line and headers) or trailers over 64 KiB is a protocol error
+  (checked per read: memory stays within 64 KiB plus one read);
 - redirects are never followed, no cookies are stored, no proxy environment is consulted:
   nothing here can send a request anywhere but the configured origin.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+import time
 import zlib
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
@@ -42,6 +44,11 @@ _HIGH_WATER = 256 * 1024  # unread response bytes before the socket stops being 
 # upstream that sends headers without end cannot grow the proxy's memory (nginx allows 4-8 KiB
 # per buffer, Node 16 KiB; provider responses carry about 1-2 KiB)
 MAX_HEAD_BYTES = 64 * 1024
+# a reused connection that closes this soon after the request went out, without a byte of
+# response, lost the keep-alive race (the upstream closed it before reading the request: the
+# close arrives within about a round trip); later, the upstream may have worked on the request,
+# so it is an error, never a second send (an LLM request is not idempotent: it is billed)
+STALE_RETRY_WINDOW_SECONDS = 0.5
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -67,7 +74,8 @@ class RemoteProtocolError(HTTPError):
 
 
 class StaleConnection(RemoteProtocolError):
-    """A kept-alive connection the upstream had closed: not one byte of a response came."""
+    """The connection closed before one byte of a response came (on a kept-alive connection,
+    usually the upstream's keep-alive timeout racing its reuse)."""
 
 
 class DecodingError(HTTPError):
@@ -404,9 +412,9 @@ class _Connection(asyncio.Protocol):
             r._raw_headers.clear()  # an interim response (100 Continue, 103 Early Hints)
             return
         te = [v for k, v in r._raw_headers if k.lower() == b"transfer-encoding"]
-        if te and not b",".join(te).lower().rstrip().endswith(b"chunked"):
-            # RFC 9112 6.3: a response with a transfer coding other than a final chunked would
-            # run to EOF still encoded; nothing here can undo it, so it is refused, not relayed
+        if te and [c.strip() for c in b",".join(te).lower().split(b",")] != [b"chunked"]:
+            # a transfer coding other than chunked alone (gzip; gzip, chunked) would reach the
+            # client still encoded, with nothing saying so: refused, not relayed
             raise RemoteProtocolError(f"the upstream sent an unsupported transfer-encoding "
                                       f"({b', '.join(te).decode('latin-1')[:60]})")
         r.status_code = status
@@ -534,15 +542,16 @@ class Pool:
                     conn.transport.writelines((head, body))
                 else:
                     conn.transport.write(head)
+                sent_at = time.monotonic()
                 try:
                     await resp._wait_headers()
                     return resp
                 except StaleConnection:
-                    if not reused:
+                    if not reused or time.monotonic() - sent_at > STALE_RETRY_WINDOW_SECONDS:
                         raise
                     # the upstream closed this idle connection as the request went out (its
                     # keep-alive timeout): it answered nothing, so the request goes once more,
-                    # on a new connection (what browsers and Go's client do in this race)
+                    # on a new connection (browsers do the same in this race)
                     conn.abort()
                     conn = None
         except BaseException:

@@ -18,6 +18,7 @@ import pytest
 
 from proxy.config import UpstreamConfig
 from proxy.http1 import (
+    STALE_RETRY_WINDOW_SECONDS,
     ConnectError,
     LocalProtocolError,
     Pool,
@@ -421,10 +422,37 @@ async def test_gzip_members_truncation_and_deflate_split_at_any_byte():
         await pool.aclose()
 
 
-async def test_a_transfer_coding_other_than_final_chunked_is_refused():
-    answers = [[b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", gzip.compress(b"x"), b"<close>"]]
+async def test_a_transfer_coding_other_than_chunked_alone_is_refused():
+    gz = gzip.compress(b"x")
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(gz), gz)
+    answers = [[b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", gz, b"<close>"],
+               [b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n", body],
+               [b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n", body]]
     async with server(lambda req, n: answers[n]) as (port, _):
         pool = Pool(f"http://127.0.0.1:{port}")
-        with pytest.raises(RemoteProtocolError, match="transfer-encoding"):
-            await fetch(pool)
+        for _ in answers:
+            with pytest.raises(RemoteProtocolError, match="transfer-encoding"):
+                await fetch(pool)
         await pool.aclose()
+
+
+async def test_a_reused_connection_closed_after_the_retry_window_is_an_error_not_a_second_send():
+    # the upstream reads the second request, works on it past the window, then closes without
+    # a byte: it may have done the (billed) work, so the request is never sent again
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_request(reader))
+        writer.write(b"".join(ok(b"1")))
+        await writer.drain()
+        seen.append(await read_request(reader))
+        await asyncio.sleep(STALE_RETRY_WINDOW_SECONDS + 0.2)
+        writer.close()
+
+    seen: list[bytes | None] = []
+    srv = await asyncio.start_server(handler, "127.0.0.1", 0)
+    pool = Pool(f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}")
+    assert await fetch(pool) == (200, b"1")
+    with pytest.raises(RemoteProtocolError, match="before a response"):
+        await fetch(pool)
+    assert len(seen) == 2 and pool.opened == 1 and pool._in_use == 0
+    await pool.aclose()
+    srv.close()
