@@ -237,7 +237,7 @@ class StreamRelay:
         return out
 
     def _feed_pending(self) -> None:
-        """Feed the collected pieces of the pending channel in one call."""
+        """Feed the collected pieces of the pending channel in one call (nothing when none)."""
         pl, ch, texts = self.pipeline, self._pending_ch, self._pending
         if not texts or pl is None or ch is None:
             return
@@ -249,8 +249,7 @@ class StreamRelay:
         pl = self.pipeline
         if pl is None:
             return ev.raw
-        if self._pending:
-            self._feed_pending()
+        self._feed_pending()
         # detectors finish first: a match they only confirm at the end (a pattern that could
         # still have grown) must be redacted or blocked before the held text is released
         pl.finish(finish_reason=self.ex.finish_reasons[-1] if self.ex.finish_reasons else None)
@@ -286,8 +285,7 @@ class StreamRelay:
         pl = self.pipeline
         tail = b""
         if pl is not None:
-            if self._pending:
-                self._feed_pending()
+            self._feed_pending()
             pl.finish(truncated=True)
             if pl.flow is Flow.BLOCK:
                 return self._block(), True
@@ -305,8 +303,7 @@ class StreamRelay:
         pl = self.pipeline
         if pl is None or self.done or self.blocked:
             return b""
-        if self._pending:
-            self._feed_pending()
+        self._feed_pending()
         pl.finish(truncated=True)
         if pl.flow is Flow.BLOCK:
             return self._block()

@@ -84,9 +84,11 @@ from tests.bench.proxy_core import (
     ANSWER_200,
     LOOPBACK,
     MODES,
+    ROUNDS,
     Cell,
     Server,
     Spec,
+    batch_seconds,
     fmt,
     free_port,
     pct,
@@ -625,10 +627,8 @@ def _idle_notes(results: dict[tuple[str, int], dict[str, Cell]], names: list[str
 def main() -> dict[str, float]:
     """Run the gateway comparison; print tables; return headline figures for the summary."""
     use_wrk = wrk_available()
-    s = scale()
-    rounds = 3
-    secs_1 = 1.5 * s
-    secs_32 = max(1.0, 2.0 * s)
+    rounds = ROUNDS
+    secs_1, secs_32 = batch_seconds()
     print("== gateways: direct vs gapwatch vs nginx vs Portkey vs LiteLLM (same requests, same simulated upstream) ==")
     skipped: dict[str, str] = {}
     nginx_exe = shutil.which("nginx")

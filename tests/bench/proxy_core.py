@@ -63,6 +63,15 @@ def scale() -> float:
         return 1.0
 
 
+ROUNDS = 3  # rounds per cell, target order rotating (benches that compare gateways share these)
+
+
+def batch_seconds() -> tuple[float, float]:
+    """Seconds per batch at concurrency 1 and at concurrency 32, scaled."""
+    s = scale()
+    return 1.5 * s, max(1.0, 2.0 * s)
+
+
 # --------------------------------------------------------------------------------------------
 # Processes
 
@@ -569,10 +578,8 @@ CELLS: tuple[tuple[str, int], ...] = (("unary", 1), ("stream", 1), ("stream-1ms"
 def main() -> dict[str, float]:
     """Run the proxy core bench; print tables; return headline figures for the summary."""
     use_wrk = wrk_available()
-    s = scale()
-    rounds = 3
-    secs_1 = 1.5 * s
-    secs_32 = max(1.0, 2.0 * s)
+    rounds = ROUNDS
+    secs_1, secs_32 = batch_seconds()
     print("== proxy core: direct to the simulator vs through gapwatch (policy with no detectors) ==")
     if not use_wrk:
         print("NOTE: wrk is not installed (apt-get install -y wrk); concurrency 32 uses the raw asyncio "
