@@ -165,6 +165,18 @@ class ChannelState(ABC):
     def finish(self, end: StreamEnd) -> list[Finding]:
         """Called once per channel at the end; must be idempotent."""
 
+    def safe_point(self) -> int | None:
+        """How far the channel's text is proven safe: the earliest absolute offset at which a
+        finding this state could still report (after more text, or at ``finish``) may start.
+
+        Why: an enforcing policy releases text by proof, not by distance. Everything before
+        the smallest safe point of its enforcing detectors goes to the client at once; only a
+        live candidate (a token that could still grow into a key, an open link, a partial
+        copy of the system prompt) is held. Findings already returned do not count. Return
+        the end of the text fed so far when nothing is pending. ``None``: the state cannot
+        say, and the pipeline holds the detector's ``lookback_chars`` behind the end."""
+        return None
+
 
 class ResponseState:
     """Dispatches deltas to per-channel states; created by ``Detector.start`` per response."""
