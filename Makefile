@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint soak fuzz clean
+.PHONY: demo test bench lint soak fuzz eval-public clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ soak: $(STAMP)
 
 fuzz: $(STAMP)
 	$(BIN)/python -m tests.bench.fuzz_long
+
+# detection quality on public labelled sets (data outside the repo: see tests/eval/public)
+eval-public: $(STAMP)
+	$(BIN)/python -m tests.eval.public.run
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy detectors tests

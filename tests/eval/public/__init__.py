@@ -1,0 +1,1 @@
+"""Detection quality on public labelled data (``make eval-public``); see ``harness``."""
