@@ -51,5 +51,37 @@ def assert_compliant(detector: Detector, ctx: RequestContext, text: str, seed: i
     fa += a.finish(channel, StreamEnd("stop")) + a.finish_response()
     fb += b.finish(channel, StreamEnd("stop")) + b.finish_response()
     assert key(fa) == expected and key(fb) == expected, "interleaved responses interact"
-    # finish is idempotent
+    for sizes in ([1] * len(text), [rng.randint(1, 9) for _ in range(len(text))]):
+        assert_safe_points_hold(detector, ctx, text, sizes, channel)
     return whole
+
+
+def assert_safe_points_hold(detector: Detector, ctx: RequestContext, text: str, sizes: list[int],
+                            channel: Channel = TEXT) -> None:
+    """Release by proof is sound: no finding reported after a ``safe_point`` was given starts
+    before it, the point never passes the text fed, and it never moves back. A state that
+    returns ``None`` (cannot say) is held to nothing here; the pipeline then keeps its
+    ``lookback_chars`` window."""
+    state = detector.start(ctx)
+    cs = state.channel_state(channel)
+    if cs is None:
+        return
+    promised = 0  # the largest safe point given so far
+    fed = 0
+    i = 0
+    for n in [*sizes, len(text)]:
+        piece = text[i : i + n]
+        if not piece:
+            break
+        i += len(piece)
+        late = [f for f in cs.feed(piece) if f.span is not None and f.span[0] < promised]
+        assert not late, f"finding at {late[0].span} after safe point {promised} (fed {fed})"
+        fed += len(piece)
+        sp = cs.safe_point()
+        if sp is None:
+            continue
+        assert sp <= fed, f"safe point {sp} beyond the {fed} characters fed"
+        assert sp >= promised, f"safe point moved back from {promised} to {sp}"
+        promised = sp
+    late = [f for f in cs.finish(StreamEnd(finish_reason="stop")) if f.span is not None and f.span[0] < promised]
+    assert not late, f"finding at {late[0].span} at finish, after safe point {promised}"
