@@ -180,6 +180,8 @@ class Telemetry:
                 det, _, kind = key.partition(".")
                 if kind == "response_score" and det == "grounding" and isinstance(value, int | float):
                     c(m.grounding_score, route, model).observe(float(value))
+                elif kind == "response_stats" and isinstance(getattr(value, "confidence", None), float):
+                    c(m.response_confidence, route, model).observe(value.confidence)
                 elif kind == "classification" and isinstance(value, str):
                     c(m.responses_classified, route, model, det, bounded("class:" + det, value)).inc()
 
