@@ -43,9 +43,10 @@ compare against):
 Test aid: ``GET /v1/sim/requests?n=K`` returns the last K requests received (method, path,
 headers as pairs, parsed JSON body, and how the exchange ended: completed, error, dropped or
 client_disconnected); ``DELETE /v1/sim/requests`` clears the ring. ``POST /v1/sim/identity``
-``{"system_fingerprint": "fp_new", "model_suffix": "-2025-06-01"}`` changes what every later
-answer reports as its ``system_fingerprint`` and ``model`` (the requested name plus the
-suffix): a provider's silent model update in the middle of a run (``GET`` reads it).
+``{"system_fingerprint": "fp_new", "model_suffix": "-2025-06-01", "aliases": {"sim-prod":
+"sim-overconfident"}}`` changes what every later answer reports as its ``system_fingerprint``
+and ``model`` (the requested name plus the suffix), and which model answers a requested name:
+a provider's silent model update in the middle of a run (``GET`` reads it).
 """
 
 from __future__ import annotations
@@ -569,6 +570,7 @@ class SimulatorApp:
         # what every answer reports about the model behind it; /v1/sim/identity switches it
         # mid-run, as a provider's silent model update would
         self.identity: dict[str, str] = {"system_fingerprint": SYSTEM_FINGERPRINT, "model_suffix": ""}
+        self.aliases: dict[str, str] = {}  # requested name -> the model that answers (and is reported)
         self._models_body = orjson.dumps(
             {
                 "object": "list",
@@ -670,26 +672,29 @@ class SimulatorApp:
 
     async def _sim_identity(self, method: str, receive: Receive, send: Send) -> None:
         """GET: the identity answers report; POST/PUT ``{"system_fingerprint": ..., "model_suffix":
-        ...}``: change it for every later answer (``null`` restores the default)."""
+        ..., "aliases": {"name": "model"}}``: change it for every later answer (``null`` restores
+        the default). An alias makes a request for ``name`` answered, and reported, by ``model``."""
         if method in ("POST", "PUT"):
             try:
                 raw = await _read_body(receive)
                 update = orjson.loads(raw or b"{}")
             except (SimRequestError, orjson.JSONDecodeError):
                 update = None
-            if not isinstance(update, dict) or not all(
-                k in self.identity and (v is None or isinstance(v, str)) for k, v in update.items()
-            ):
-                await _send_json(send, 400, error_body(400, "Send a JSON object with system_fingerprint and/or "
-                                                            "model_suffix (strings or null)."))
+            if not _identity_update_ok(update, self.identity):
+                await _send_json(send, 400, error_body(400, "Send a JSON object with system_fingerprint, model_suffix "
+                                                            "(strings or null) and/or aliases (an object of strings "
+                                                            "or null)."))
                 return
             defaults = {"system_fingerprint": SYSTEM_FINGERPRINT, "model_suffix": ""}
             for k, v in update.items():
-                self.identity[k] = defaults[k] if v is None else v
+                if k == "aliases":
+                    self.aliases = dict(v or {})
+                else:
+                    self.identity[k] = defaults[k] if v is None else v
         elif method != "GET":
             await _send_json(send, 405, error_body(405, f"Method {method} not allowed on /v1/sim/identity."))
             return
-        await _send_json(send, 200, orjson.dumps(self.identity))
+        await _send_json(send, 200, orjson.dumps({**self.identity, "aliases": self.aliases}))
 
     def _behave(self, ex: _Exchange, endpoint: str, body: dict[str, Any], model: str, plan: Plan) -> None:
         """After planning: the identity the answer reports (``x-sim-system-fingerprint``, else
@@ -761,6 +766,7 @@ class SimulatorApp:
                 400, "you must provide a model parameter", param="model", code="missing_required_parameter"
             )
         _validate(endpoint, body)
+        model = self.aliases.get(model, model)
         if not await self._preflight(ex, model):
             return
         if endpoint == "embeddings":
@@ -1042,6 +1048,18 @@ def _validate(endpoint: str, body: dict[str, Any]) -> None:
     n = body.get("n", 1)
     if n is not None and (not isinstance(n, int) or not 1 <= n <= 128):
         raise SimRequestError(400, "n must be an integer between 1 and 128.", param="n")
+
+
+def _identity_update_ok(update: Any, identity: dict[str, str]) -> bool:
+    if not isinstance(update, dict):
+        return False
+    for k, v in update.items():
+        if k == "aliases":
+            if v is not None and not (isinstance(v, dict) and all(isinstance(x, str) for x in (*v, *v.values()))):
+                return False
+        elif k not in identity or not (v is None or isinstance(v, str)):
+            return False
+    return True
 
 
 def _is_token_list(value: Any) -> bool:
