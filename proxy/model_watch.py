@@ -64,7 +64,7 @@ class ModelIdentity:
     system_fingerprint: str | None
 
     def as_dict(self) -> dict[str, str | None]:
-        return {"model": self.model, "system_fingerprint": self.system_fingerprint}
+        return {"response_model": self.model, "system_fingerprint": self.system_fingerprint}
 
 
 @dataclass(frozen=True, slots=True)
