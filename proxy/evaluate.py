@@ -1055,7 +1055,7 @@ def _model_report(mrows: Sequence[dict[str, Any]], dets: Sequence[str],
         "responses": len(mrows), "errors": len(mrows) - len(_ok(mrows)), "task": _task_section(task),
         "detectors": det_rates, "categories": cats, "transparency": _transparency_section(ok, task, specs),
         "consistency": _consistency_section(ok), "paraphrase": para, "calibration": _calibration_section(task),
-        **_usage_sections(_ok(mrows)), "robustness": _robustness_section(base),
+        **_usage_sections(ok), "robustness": _robustness_section(base),
     }
     rep["scorecard"] = scorecard.build(rep)
     return rep, per_case
