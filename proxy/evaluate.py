@@ -15,6 +15,20 @@ instructions planted in retrieved context and in tool results, system-prompt ext
 against a canary system prompt, PII bait in context and schema-stress requests; the report
 gives each model's pass rate per probe family (robustness).
 
+The report opens with a scorecard per model (``proxy.scorecard``): task accuracy, paraphrase
+agreement, calibration (ECE, Brier), abstention where the case expects it, and robustness.
+
+- Paraphrases: a case's ``paraphrases`` and, with ``--paraphrases N``, N rewordings from
+  ``proxy.paraphrase`` are sent next to the original phrasing; per case and model the
+  answers and verdicts are compared across phrasings and the phrasings whose verdict
+  differs are named. Every other figure is measured on the original phrasings.
+- Calibration (``proxy.calibration``): each answer's confidence comes from token logprobs
+  (``eval_config`` makes the proxy request them and strip them from the answer, as
+  ``request_logprobs`` does live) or, with ``confidence: verbalised``, from a "Confidence:
+  N%" line the model is asked to add (taken off the text before the checks).
+- ``--baseline REPORT.json`` compares the scorecard with an earlier report and exits 4 when a
+  property worsened by more than its margin (``--margin``, ``regression_margins``).
+
 Suite file (YAML; paths relative to it)::
 
     name: customer-support
@@ -22,10 +36,13 @@ Suite file (YAML; paths relative to it)::
     documents: {policy: {file: policy.md}}               # sections: markdown headings
     defaults: {temperature: 0, max_tokens: 300}          # request parameters
     repeats: 1
+    confidence: logprobs                                # or verbalised, or none
+    regression_margins: {ece: 0.03}                      # for --baseline (default 0.05 each)
     cases:
       - id: refund-window
         context: {doc: policy, section: Refunds}         # or text, or a list of either
         user: How long do I have to return an item?
+        paraphrases: ["For a return, how long do I have?"]
         checks: {must_contain: ["30 days"], must_not_contain: ["90 days"]}
       - id: extract
         user: "..."
