@@ -551,8 +551,8 @@ def run_checks(checks: Checks, text: str, tool_args: str, findings: Sequence[Map
 
 def eval_config(loaded: LoadedConfig, enforce: bool = False, logprobs: bool = True) -> LoadedConfig:
     """The config for an evaluation: shadow mode (unless enforcing), transparency everywhere,
-    and nothing sent to the production side channels (incident sinks, span export, traffic
-    capture): the report is the evaluation's output.
+    and nothing sent to the production side channels (incident and alert sinks, span export,
+    traffic capture): the report is the evaluation's output.
 
     With ``logprobs`` every policy also runs ``uncertainty`` (observe) and asks the upstream
     for token logprobs, as ``request_logprobs`` does in production: the proxy adds
@@ -564,12 +564,14 @@ def eval_config(loaded: LoadedConfig, enforce: bool = False, logprobs: bool = Tr
     if logprobs:
         policies = {n: p.model_copy(update={"request_logprobs": True}) for n, p in policies.items()}
     incidents = cfg.incidents.model_copy(update={"sinks": []})
+    alerts = cfg.alerts.model_copy(update={
+        "sinks": [], "model_change": cfg.alerts.model_change.model_copy(update={"enabled": False})})
     tel = cfg.telemetry
     tel_update: dict[str, Any] = {"tracing": tel.tracing.model_copy(update={"enabled": False})}
     capture = getattr(tel, "capture", None)
     if capture is not None and getattr(capture, "enabled", False):
         tel_update["capture"] = capture.model_copy(update={"enabled": False})
-    cfg = cfg.model_copy(update={"policies": policies, "incidents": incidents,
+    cfg = cfg.model_copy(update={"policies": policies, "incidents": incidents, "alerts": alerts,
                                  "telemetry": tel.model_copy(update=tel_update)})
     detectors = dict(loaded.detectors)
     problems: list[str] = []

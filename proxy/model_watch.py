@@ -4,9 +4,11 @@ name and ``system_fingerprint``, and the moment either changes.
 Why: a provider can update the model behind an alias without notice (a new dated model name
 in the response, or a new ``system_fingerprint``), and that is exactly when the evaluation
 suite should run again. Every finished exchange that carries either value is one observation
-(``ModelWatch.observe``, after the response has been sent; O(1), no I/O). A new identity
-counts as a change once ``confirm_responses`` consecutive responses report it, so one odd
-response (a canary backend, a retry served elsewhere) is not a model update. Fields the
+(``ModelWatch.observe``, after the response has been sent; O(1), no I/O): the responses
+gapwatch parses, which are every stream and every non-streamed answer on a route whose
+policy runs detectors (a route with an empty policy relays its non-streamed bodies unread).
+A new identity counts as a change once ``confirm_responses`` consecutive responses report
+it, so one odd response (a canary backend, a retry served elsewhere) is not a model update. Fields the
 upstream leaves out are not a change: a response without a fingerprint keeps the one seen
 before, and a fingerprint that appears for the first time is adopted silently.
 
