@@ -54,7 +54,7 @@ notifies per alert, re-notifies at most every ``renotify_interval_seconds``, and
 resolved notification goes out when the last replica stops seeing it; after it resolves the
 same alert stays quiet for ``cooldown_seconds``. Delivery is ``proxy.alert_sinks``.
 
-Event alerts: ``model_changed`` (``model_changed``, from ``proxy.model_watch``) is not a rule
+Event alerts: ``model_changed`` (raised from ``proxy.model_watch`` changes) is not a rule
 over a window but one event: the upstream reports another model name or system_fingerprint
 for a route than before. It carries the before and after values as annotations, goes through
 the same claim (one replica notifies), sinks and history as any alert, stays firing for

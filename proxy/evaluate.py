@@ -225,16 +225,27 @@ class LoadedSuite:
     documents: dict[str, str]
 
     def confidence_mode(self, case: CaseSpec) -> ConfidenceMode:
-        return case.confidence or self.suite.confidence
+        """The case's, else the suite's; the probe pack is asked in its own words (never with
+        a request for a verbalised confidence)."""
+        mode = case.confidence or self.suite.confidence
+        if case.family in PROBE_FAMILIES and case.confidence is None and mode == "verbalised":
+            return "logprobs"
+        return mode
+
+    @staticmethod
+    def _question_index(messages: Sequence[Mapping[str, Any]]) -> int | None:
+        for i in range(len(messages) - 1, -1, -1):
+            if messages[i].get("role") == "user" and isinstance(messages[i].get("content"), str):
+                return i
+        return None
 
     def question(self, case: CaseSpec) -> str | None:
-        """The user text paraphrases replace: ``user``, or the last user message of ``messages``."""
+        """The user text paraphrases replace: ``user``, or the last user message of ``messages``
+        with text content."""
         if case.messages is None:
             return case.user
-        for m in reversed(case.messages):
-            if m.get("role") == "user" and isinstance(m.get("content"), str):
-                return str(m["content"])
-        return None
+        i = self._question_index(case.messages)
+        return None if i is None else str(case.messages[i]["content"])
 
     def phrasings(self, case: CaseSpec, generated: int) -> list[Phrasing]:
         """The original phrasing, the given paraphrases and up to ``generated`` generated ones."""
@@ -273,8 +284,8 @@ class LoadedSuite:
         user = self._user_text(case, phrasing)
         if case.messages is not None:
             msgs = [dict(m) for m in case.messages]
-            if user is not None:
-                last = max(i for i, m in enumerate(msgs) if m.get("role") == "user")
+            last = self._question_index(msgs)
+            if user is not None and last is not None:
                 msgs[last]["content"] = user
             return msgs
         system = case.system if case.system is not None else self.suite.system

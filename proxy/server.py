@@ -753,9 +753,8 @@ def _watch_model(gw: Gateway, ex: Exchange) -> None:
     the alert engine. After the response: it can cost nothing the client waits for."""
     try:
         change = gw.model_watch.observe(ex)
-    except Exception:  # bookkeeping after the response must never fail a request
-        gw.metrics.telemetry_errors.labels("model_watch").inc()
-        log.exception("model identity tracking failed on request %s", ex.request_id)
+    except Exception as exc:  # noqa: BLE001 - bookkeeping after the response must never fail a request
+        gw.telemetry.failed("model_watch", exc)
         return
     if change is not None:
         gw.alerts.model_changed(change)

@@ -103,6 +103,11 @@ class Telemetry:
         if self.capture is not None:
             self.capture.record(ex)
 
+    def failed(self, component: str, exc: Exception) -> None:
+        """A failure in bookkeeping after a response (``component``): counted in
+        ``gapwatch_telemetry_errors_total`` and logged once per error type, never raised."""
+        self._telemetry_error(component, exc)
+
     def _telemetry_error(self, component: str, exc: Exception) -> None:
         self.metrics.telemetry_errors.labels(component).inc()
         key = f"{component}:{type(exc).__name__}"
