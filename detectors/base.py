@@ -239,6 +239,11 @@ class Detector(ABC):
     #: blocks must then include ``feed_batch_chars - 1`` in ``lookback_chars``. ``finish`` and
     #: ``feed_logprobs`` always come after every pending character was fed.
     feed_batch_chars: int = 1
+    #: Whether this detector judges tool calls (their arguments as a whole): a policy in which
+    #: it blocks or redacts holds a call's argument deltas until the call is complete and
+    #: judged (``policies.<name>.hold_tool_calls``), because a tool call is where a
+    #: compromised answer does harm.
+    judges_tool_calls: ClassVar[bool] = False
 
     def __init__(self, config: DetectorConfig) -> None:
         self.config = config
