@@ -177,6 +177,12 @@ class ChannelState(ABC):
         say, and the pipeline holds the detector's ``lookback_chars`` behind the end."""
         return None
 
+    def safe_point_for(self, min_severity: Severity) -> int | None:
+        """``safe_point`` counting only findings of at least ``min_severity`` (the policy
+        acts on nothing below it, so nothing below it needs to be held). Override where
+        candidates differ in the severity they could reach."""
+        return self.safe_point()
+
 
 class ResponseState:
     """Dispatches deltas to per-channel states; created by ``Detector.start`` per response."""

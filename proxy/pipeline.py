@@ -203,7 +203,8 @@ class _Lane:
     ``now`` detectors get every delta; ``batched`` ones get the text collected in ``pending``
     once ``batch`` characters are there (and whatever is left before a channel's logprobs,
     finish or the end of the response). ``holding`` are the ``now`` states whose findings can
-    change or stop the output, with their detector's look-back: release waits for them."""
+    change or stop the output, with their detector's look-back and the least severity the
+    policy acts on: release waits for them."""
 
     __slots__ = ("batch", "batched", "buf", "channel", "holding", "now", "pending", "pending_n")
 
@@ -211,7 +212,7 @@ class _Lane:
         self.channel = channel
         self.buf = buf
         self.now: list[tuple[int, ChannelState]] = []
-        self.holding: list[tuple[int, ChannelState, int]] = []
+        self.holding: list[tuple[int, ChannelState, int, Severity]] = []
         self.batched: list[tuple[int, ChannelState]] = []
         self.batch = UNBOUNDED
         self.pending: list[str] = []
@@ -419,7 +420,7 @@ class ResponsePipeline:
                 else:
                     lane.now.append((i, cs))
                     if self._holds[i]:
-                        lane.holding.append((i, cs, _det.lookback_chars))
+                        lane.holding.append((i, cs, _det.lookback_chars, entry.min_severity_value))
         elif channel.tool_name and not lane.channel.tool_name:
             lane.channel = channel
             self.channels[key] = (channel, lane.buf)
@@ -525,11 +526,11 @@ class ResponsePipeline:
         total = buf.total
         line = total
         states = self._states
-        for i, cs, back in lane.holding:
+        for i, cs, back, min_severity in lane.holding:
             if states[i][2] is None:
                 continue  # failed: open (closed blocked the response already)
             try:
-                sp = cs.safe_point()
+                sp = cs.safe_point_for(min_severity)
             except Exception as exc:  # noqa: BLE001 - a detector bug must never fail the request
                 self._detector_failed(states[i][0], type(exc).__name__)
                 states[i] = (states[i][0], states[i][1], None)
