@@ -250,6 +250,11 @@ class Detector(ABC):
     #: judged (``policies.<name>.hold_tool_calls``), because a tool call is where a
     #: compromised answer does harm.
     judges_tool_calls: ClassVar[bool] = False
+    #: Finding categories that release does not wait for (``ChannelState.safe_point`` leaves
+    #: them out): verdicts over settled text as a whole, not spans to keep back, where holding
+    #: would delay every answer (injection's sentence-level propagation score). They still act
+    #: (block) when found, on the text after them.
+    unheld_categories: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: DetectorConfig) -> None:
         self.config = config

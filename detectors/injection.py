@@ -255,6 +255,7 @@ class Prepared:
 class InjectionDetector(Detector):
     name: ClassVar[str] = NAME
     judges_tool_calls: ClassVar[bool] = True
+    unheld_categories: ClassVar[frozenset[str]] = frozenset({"propagation"})
 
     def __init__(self, config: InjectionConfig) -> None:
         super().__init__(config)
@@ -672,6 +673,18 @@ class _Echo:
                         fired.append((tid, self._first[tid], sent.span(i)[1], len(got)))
         return fired, touched
 
+    def live_start(self) -> int | None:
+        """Where an echo not reported yet may start: the first match of a target that has
+        not fired, or the first word of the current run of target words (it may grow into a
+        shingle); None when neither."""
+        ix = self._ix
+        points = [start for tid, start in self._first.items() if ix.span_of[tid] not in self._fired]
+        if self._run and self._win:
+            run = list(self._win)[-min(self._run, len(self._win)):]
+            _tok, sent, i = run[0]
+            points.append(sent.span(i)[0])
+        return min(points) if points else None
+
 
 class _BaseState(ChannelState):
     """Sentence pipeline (echo, propagation) and invisible-character scan, shared by text and
@@ -838,14 +851,43 @@ class _TextState(_BaseState):
         super().__init__(det, p, channel)
         self._links = LinkScanner(det.cfg.max_url_chars) if "exfiltration" in det._cats else None
         self._long: Finding | None = None  # verdict on a URL being reported in pieces
+        self._fed = 0
 
     def feed(self, text: str) -> list[Finding]:
         if self._finished:
             return []
+        self._fed += len(text)
         out = self._feed_common(text, text)
         if self._links is not None:
             out += self._exfil(self._links.feed(text))
         return out
+
+    def safe_point_for(self, min_severity: Severity) -> int:
+        """Links (only those that render as images when the policy acts on nothing below
+        critical and the request planted no hosts: nothing else can be critical), and for a
+        policy that acts on medium findings, invisible runs and echoes of planted spans.
+
+        Propagation (instruction-like text for a downstream model) is judged per settled
+        sentence and is not held for: holding every sentence would delay every answer by a
+        sentence, and its verdict is about the text as a whole, not a span to keep back."""
+        if self._finished:
+            return self._fed
+        point = self._fed
+        if self._links is not None:
+            images_only = min_severity >= Severity.critical and not self.p.spans
+            point = min(point, self._links.safe_point(images_only))
+        if min_severity <= Severity.medium:
+            if self._invisible is not None:
+                point = min(point, self._invisible.safe_point())
+            if self._do_echo and self._echo is not None:
+                live = self._echo.live_start()
+                if live is not None:
+                    point = min(point, live)
+                point = min(point, self._sent_base)  # the sentence still being read
+        return point
+
+    def safe_point(self) -> int:
+        return self.safe_point_for(Severity.low)
 
     def finish(self, end: StreamEnd) -> list[Finding]:
         if self._finished:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 from detectors.injection_phrases import token_words
+from detectors.pattern_prefix import prefix_regex
 from detectors.stream_scan import BufferedScan
 from detectors.text import normalise
 
@@ -35,12 +36,12 @@ _BODY_TEXT = re.compile(r"[^\s<>\"'`\\(){}\[\]|^]*")
 _BODY_JSON = re.compile(r"(?:[^\s<>\"'`\\(){}\[\]|^]|\\/)*")
 _TRAIL = ".,;:!?*_~"
 _MD_BEFORE = re.compile(r"(!?)\[[^\[\]\n]{0,80}\]\([ \t]*<?$")
+_IMAGE_TAGS = "img|image|iframe|frame|script|video|audio|source|embed|object|input|link|body|table|td|div"
+_TAG_ATTRS = "src|href|data|poster|background|srcset|action|content"
 _TAG_BEFORE = re.compile(
-    r"(?i)<(img|image|iframe|frame|script|video|audio|source|embed|object|input|link|a|area|"
-    r"body|table|td|div|form|meta)\b[^<>]{0,70}?\b(src|href|data|poster|background|srcset|"
-    r"action|content)\s*=\s*[\"']?$"
+    rf"(?i)<({_IMAGE_TAGS}|a|area|form|meta)\b[^<>]{{0,70}}?\b({_TAG_ATTRS})\s*=\s*[\"']?$"
 )
-_CSS_BEFORE = re.compile(r"(?i)url\(\s*[\"']?$")
+_CSS_BEFORE = re.compile(r"(?i)(?<![\w-])url\(\s*[\"']?$")
 _MD_AFTER = re.compile(r">?(?:[ \t]+(?:\"[^\"\n]{0,30}\"|'[^'\n]{0,30}'))?[ \t]*\)")
 _TAG_AFTER = re.compile(r"[\"']?[^<>\n]{0,40}?>")
 _CSS_AFTER = re.compile(r"[\"']?\s*\)")
@@ -308,6 +309,25 @@ def printable_text(raw: bytes, min_chars: int = 8) -> str | None:
     return text
 
 
+def _live_prefixes(images_only: bool) -> re.Pattern[str]:
+    """Text at the end of the buffer that could still grow into a reported construct: the
+    prefix language (``detectors.pattern_prefix``) of each opening followed by a URL start,
+    with the look-behinds the scanner applies."""
+    scheme = r"(?:(?:https?|ftp):(?:\\?/){2}|www\.)"
+    tags = _IMAGE_TAGS if images_only else _IMAGE_TAGS + "|" + "|".join(sorted(_LINK_TAGS))
+    parts = [
+        ("", rf"!{'' if images_only else '?'}\[[^\[\]\n]{{0,80}}\]\([ \t]*<?{scheme}"),
+        ("", rf"<(?:{tags})[^<>]{{0,70}}?\b(?:{_TAG_ATTRS})\s*=\s*[\"']?{scheme}"),
+        (r"(?<![\w-])", rf"url\(\s*[\"']?{scheme}"),
+    ]
+    alts = []
+    for behind, pattern in parts:
+        body = prefix_regex(pattern, re2_syntax=False, flags=re.IGNORECASE)
+        assert body is not None, pattern
+        alts.append(behind + body)
+    return re.compile("(?i)(?:" + "|".join(alts) + r")\Z")
+
+
 class LinkScanner(BufferedScan[Link]):
     """Incremental finder of URLs and their enclosing constructs (see module docstring)."""
 
@@ -354,7 +374,7 @@ class LinkScanner(BufferedScan[Link]):
             b = self._body.match(buf, m.end())
             e = b.end() if b else m.end()
             if e - s > self._max:
-                kind, start = self._opening(buf, s)
+                kind, start = self._opening(buf, s, m.end())
                 out.append(Link(base + start, base + s + self._max, buf[s : s + self._max], kind, 1))
                 self._cont = (kind, 2)
                 self._pos = base + s + self._max
@@ -372,7 +392,7 @@ class LinkScanner(BufferedScan[Link]):
                     break
                 self._pos = base + e  # the visible text of a Markdown link; its target follows
                 continue
-            resolved = self._construct(buf, s, e, final)
+            resolved = self._construct(buf, s, m.end(), e, final)
             if resolved is None:
                 self._pos = base + s
                 break
@@ -385,6 +405,32 @@ class LinkScanner(BufferedScan[Link]):
             self._base = base + keep_from
         return out
 
+    def safe_point(self, images_only: bool = False) -> int:
+        """The earliest absolute offset where a construct not reported yet may start: a URL
+        found and waiting for its end (from its opening: ``![alt](``, ``<img src=``), a URL
+        being reported in pieces, or text at the end that could still open one (``[``,
+        ``![al``, ``<im``, ``url(``; a bare URL's span starts at its host, so ``htt`` is not
+        a candidate); the end of the text when none. ``images_only``: only constructs
+        that render as images count (what a policy acting only on critical findings needs
+        when the request planted no hosts)."""
+        buf, base = self._buf, self._base
+        n = len(buf)
+        if self._done:
+            return base + n
+        if self._cont is not None:
+            return self._pos
+        rel = self._pos - base
+        point = base + n
+        m = _START.search(buf, rel) if _may_start(buf, rel) else None
+        if m is not None:
+            kind, start = self._opening(buf, m.start(), m.end())
+            if kind == "image" or not images_only:
+                point = base + start
+        live = (_LIVE_IMAGES if images_only else _LIVE_ANY).search(buf)
+        if live is not None and base + live.start() < point:
+            point = base + live.start()
+        return max(point, 0)
+
     def _open_end(self, buf: str, e: int) -> bool:
         """True when the URL ending at ``e`` may still grow: it reaches the end of the
         buffer, or (JSON) stops at a final backslash that may start an escaped ``\\/``."""
@@ -392,8 +438,11 @@ class LinkScanner(BufferedScan[Link]):
         return e == n or (self._json and e == n - 1 and buf[e] == "\\")
 
     @staticmethod
-    def _opening(buf: str, s: int) -> tuple[str, int]:
-        """Kind and start of the construct that a URL at ``s`` opens into."""
+    def _opening(buf: str, s: int, scheme_end: int) -> tuple[str, int]:
+        """Kind and start of the construct that a URL at ``s`` opens into. A bare URL is
+        reported from its host on (``https://`` and ``www.`` are public and fixed, and
+        redacting ``https://[REDACTED:url]`` reads as well), so a word starting with ``h``
+        or ``w`` never has to wait for the next one."""
         before = buf[max(0, s - BEFORE_CHARS) : s]
         off = s - len(before)
         m = _MD_BEFORE.search(before)
@@ -405,10 +454,10 @@ class LinkScanner(BufferedScan[Link]):
         m = _CSS_BEFORE.search(before)
         if m:
             return "image", off + m.start()
-        return "bare", s
+        return "bare", scheme_end
 
-    def _construct(self, buf: str, s: int, e: int, final: bool) -> tuple[str, int, int] | None:
-        kind, start = self._opening(buf, s)
+    def _construct(self, buf: str, s: int, scheme_end: int, e: int, final: bool) -> tuple[str, int, int] | None:
+        kind, start = self._opening(buf, s, scheme_end)
         if kind == "bare":
             return kind, start, e
         before = buf[max(0, s - BEFORE_CHARS) : s]
@@ -425,6 +474,10 @@ class LinkScanner(BufferedScan[Link]):
         if not final and len(tail) < AFTER_CHARS and "\n" not in tail:
             return None  # the closing part may still arrive
         return kind, start, e
+
+
+_LIVE_ANY = _live_prefixes(images_only=False)
+_LIVE_IMAGES = _live_prefixes(images_only=True)
 
 
 def _may_start(buf: str, rel: int) -> bool:

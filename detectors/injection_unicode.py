@@ -156,6 +156,10 @@ class InvisibleScanner(BufferedScan[InvisibleRun]):
             self._base = base + keep_from
         return out
 
+    def safe_point(self) -> int:
+        """Where a run not reported yet may start: everything before ``_pos`` is decided."""
+        return self._pos
+
 
 def _piece(buf: str, base: int, s: int, e: int) -> InvisibleRun:
     run = buf[s:e]

@@ -25,6 +25,7 @@ import httpx
 import openai
 import pytest
 
+from detectors.base import ChannelState
 from proxy.sse import SSEEvent, SSEParser
 from tests.conftest import eventually, metric_value
 from tests.faults import (
@@ -297,7 +298,7 @@ class _RecordingDetector:
         orig = det.open_channel
         outer = self
 
-        class State:
+        class State(ChannelState):
             def __init__(self, inner: Any) -> None:
                 self.inner = inner
 
