@@ -293,3 +293,31 @@ def test_hold_tool_calls_stream_lets_arguments_through():
     events = _tool_stream(['{"amo', 'unt": 1', '2.5}'])
     sent = _per_event(streaming, events)
     assert sent[1] == events[1]
+
+
+def test_responses_function_call_arguments_wait_for_their_done_event_text_items_do_not():
+    policy = _policy({"schema": {"action": "block"}})
+    ctx = RequestContext(endpoint="responses", tools=TOOLS_CTX.tools)
+
+    def ev(obj: dict[str, Any]) -> bytes:
+        return b"event: " + obj["type"].encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+    events = [
+        ev({"type": "response.output_item.added", "output_index": 0,
+            "item": {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "refund", "arguments": ""}}),
+        ev({"type": "response.function_call_arguments.delta", "output_index": 0, "item_id": "fc_1",
+            "delta": '{"amount": '}),
+        ev({"type": "response.output_text.delta", "output_index": 1, "item_id": "msg_1", "content_index": 0,
+            "delta": "Refund started."}),
+        ev({"type": "response.function_call_arguments.delta", "output_index": 0, "item_id": "fc_1", "delta": "12.5}"}),
+        ev({"type": "response.function_call_arguments.done", "output_index": 0, "item_id": "fc_1",
+            "arguments": '{"amount": 12.5}'}),
+    ]
+    ex = Exchange(request_id="r", method="POST", path="/v1/responses", endpoint="responses")
+    r = StreamRelay(ex, ResponsePipeline(policy, ctx), policy.rewrites)
+    parser = SSEParser()
+    sent = [b"".join(r.on_event(e, 0.0) for e in parser.feed(raw)) for raw in events]
+    assert sent[0] == events[0]  # the item announcement carries no arguments
+    assert sent[1] == b"" and sent[3] == b""  # arguments wait for the call to be judged
+    assert sent[2] == events[2]  # another output item's text is not held behind the call
+    assert sent[4] == events[1] + events[3] + events[4]
