@@ -274,6 +274,26 @@ class Detector(ABC):
     def finish_response(self, prepared: Any) -> list[Finding]:
         return []
 
+    # -- optional parts: each has a default that means "not applicable" ----------------------
+
+    def applies(self, ctx: RequestContext) -> bool:
+        """Whether the detector has anything to check in this request (schema: only with a
+        response format, tools or a route schema); a detector that does not apply is not
+        started and is reported as not applicable."""
+        return True
+
+    def response_score(self, prepared: Any) -> float | None:
+        """A response-level score for metrics (grounding: how supported the answer is)."""
+        return None
+
+    def classification(self, prepared: Any) -> str | None:
+        """A response-level class for metrics (transparency: answered, abstained, refused)."""
+        return None
+
+    def response_stats(self, prepared: Any) -> Any:
+        """Response-level statistics for metrics (uncertainty: logprob confidence)."""
+        return None
+
     def start(self, ctx: RequestContext) -> ResponseState:
         return ResponseState(self, self.prepare(ctx))
 

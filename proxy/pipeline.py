@@ -247,8 +247,7 @@ class ResponsePipeline:
         batches = policy.feed_batches or (1,) * len(policy.entries)
         holds = policy.holds or (False,) * len(policy.entries)
         for entry, det, batch, hold in zip(policy.entries, policy.detectors, batches, holds, strict=True):
-            applies = getattr(det, "applies", None)
-            if applies is not None and not self._guard(entry, lambda a=applies: a(ctx)):
+            if not self._guard(entry, lambda d=det: d.applies(ctx)):
                 skipped.append(entry.name)  # e.g. schema with no response_format, tools or route schema
                 continue
             state = self._guard(entry, lambda d=det: d.start(ctx))
@@ -491,10 +490,8 @@ class ResponsePipeline:
             if state is None:
                 continue
             prepared = state.prepared
-            for method in ("response_score", "classification", "response_stats"):
-                fn = getattr(det, method, None)
-                if fn is None:
-                    continue
+            for method, fn in (("response_score", det.response_score), ("classification", det.classification),
+                               ("response_stats", det.response_stats)):
                 try:
                     value = fn(prepared)
                 except Exception:  # noqa: BLE001 - a signal is optional; never fail the response
