@@ -47,13 +47,13 @@ import random
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
 
 from detectors import registry
 from detectors.base import TEXT, Detector, DetectorConfig, RequestContext, StreamEnd
+from proxy.config import CaptureConfig, ContentMode
 
 if TYPE_CHECKING:
     from proxy.exchange import Exchange
@@ -66,34 +66,6 @@ FORMAT_VERSION = 1
 CONTENT_KEYS = ("messages", "input", "instructions", "prompt", "user", "metadata")
 # keys inside the conversation whose string values are structure, not content
 _STRUCTURE_KEYS = frozenset({"role", "type", "tool_call_id", "id", "call_id", "status", "detail", "format"})
-ContentMode = Literal["redacted", "full", "none"]
-
-
-class CaptureConfig(BaseModel):
-    """``telemetry.capture`` in the YAML file. Off by default."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = Field(False, description="Write sampled exchanges to `path` as JSONL for `gapwatch replay`.")
-    path: str = Field("gapwatch-capture.jsonl",
-                      description="Capture file; `{pid}` in the name is replaced by the process id "
-                                  "(use it with several workers).")
-    sample_rate: float = Field(0.01, ge=0.0, le=1.0,
-                               description="Fraction of exchanges captured (1.0 = every exchange).")
-    routes: list[str] = Field(default_factory=list,
-                              description="Route names to sample (empty: every route).")
-    content: ContentMode = Field("redacted",
-                                 description="`redacted`: text with PII/secrets spans replaced by placeholders; "
-                                             "`full`: raw text (exact replay; protect the file); `none`: no "
-                                             "conversation or output text.")
-    redact_detectors: list[str] = Field(default_factory=lambda: ["pii", "secrets"],
-                                        description="Detectors (default settings) whose spans are replaced "
-                                                    "in `redacted` mode.")
-    max_bytes: int = Field(100 * 1024 * 1024, ge=1024,
-                           description="Rotate the file past this size (`FILE.1`, `FILE.2`, ...).")
-    keep_files: int = Field(5, ge=1, le=100, description="Rotated files kept besides the current one.")
-    queue_size: int = Field(1000, ge=1, description="Exchanges waiting to be written; beyond it rows are "
-                                                    "dropped and counted.")
 
 
 # --------------------------------------------------------------------------------------------
