@@ -202,10 +202,6 @@ class JsonStream:
     def path(self) -> Path:
         return tuple(self._path)
 
-    def in_top_literal(self) -> bool:
-        """True while the top-level value is a literal being matched (prose heuristics)."""
-        return self._state == _LIT and not self._kinds
-
     # -- problems -------------------------------------------------------------------------
     def _fail(self, kind: str, at: int, message: str, span: tuple[int, int] | None = None,
               container: bool = False, habit: str = "") -> None:

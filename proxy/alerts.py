@@ -77,7 +77,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from statistics import NormalDist
 from typing import Any
@@ -1126,11 +1126,6 @@ def config_problems(config: Any, env: Mapping[str, str] | None = None) -> list[s
         except ValueError as exc:
             problems.append(str(exc).replace("alerts.sinks[0]", f"alerts.sinks[{i}]"))
     return problems
-
-
-def replace_rules(settings: AlertSettings, rules: Iterable[RuleSpec]) -> AlertSettings:
-    """A copy of ``settings`` with other rules (tests, the drift simulation)."""
-    return replace(settings, rules=tuple(rules))
 
 
 __all__ = ["DEFAULT_RULES", "AlertEngine", "AlertSettings", "Baseline", "RuleSpec", "config_problems", "evaluate",
