@@ -80,6 +80,7 @@ from functools import cache
 from typing import Any, ClassVar, Literal
 
 import orjson
+import re2
 from pydantic import Field
 
 from detectors.base import (
@@ -92,8 +93,10 @@ from detectors.base import (
     Severity,
     StreamEnd,
 )
+from detectors.pattern_prefix import prefix_regex_of_all
 from detectors.pii import Alternation, BoundedScanner, Extra, Match
 from detectors.redaction import mask, placeholder
+from detectors.stream_scan import Finder, prefix_finder, re2_finder
 
 SeverityName = Literal["low", "medium", "high", "critical"]
 
@@ -538,6 +541,43 @@ class _Run:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _LiveFinders:
+    """For release by proof: where the undecided text holds a provider-format match, or text
+    that is still the beginning of one (the prefix language of the alternatives)."""
+
+    match: Finder | None
+    prefix: Finder | None
+
+
+@cache
+def _live_finders() -> _LiveFinders:
+    bodies = [body for _name, body in _ALTERNATIVES]
+    joined = "|".join(f"(?:{b})" for b in bodies)
+    try:
+        match = re2_finder(re2.compile(joined))
+    except Exception:  # noqa: BLE001 - re2 raises its own error type
+        match = None
+    return _LiveFinders(match, prefix_finder(prefix_regex_of_all(bodies)))
+
+
+_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-")
+_LONG_RUN = re.compile(r"[A-Za-z0-9+/_\-]{16,}")
+
+
+def _entropy_starts(text: str, base: int) -> list[int]:
+    """Absolute starts where an entropy candidate may still be reported: every run of 16 or
+    more token characters in the undecided text, and the run the text ends in (it may still
+    grow into one)."""
+    starts = [base + m.start() for m in _LONG_RUN.finditer(text)]
+    i = len(text)
+    while i > 0 and text[i - 1] in _TOKEN_CHARS:
+        i -= 1
+    if i < len(text):
+        starts.append(base + i)
+    return starts
+
+
 @dataclass(slots=True)
 class _Prepared:
     request_text: str | None
@@ -568,6 +608,54 @@ class _SecretsChannel(ChannelState):
         self._done = True
         self._scanner.clear()
         return out
+
+    def safe_point(self) -> int | None:
+        return self.safe_point_for(Severity.low)
+
+    def safe_point_for(self, min_severity: Severity) -> int | None:
+        """Provider formats by their prefix language (``s`` may still become ``sk-``, ``so``
+        cannot), a credential run from its unreported piece, and entropy candidates: any token
+        may still grow into one, so where the policy acts on medium findings the last token
+        waits for its end; above medium only a token after a secret word (severity high) or
+        shortly after an AWS key id (its secret key) does."""
+        sc = self._scanner
+        end = sc.end
+        if self._done:
+            return end
+        run = self._run
+        if run is not None:
+            return run.pos if run.silent else run.next_piece
+        live = self._detector.live
+        if live.prefix is None or live.match is None:
+            return None  # the look-back window then
+        pos = sc.pos
+        tail = sc.slice(pos, end)
+        point = end
+        if _TRIGGER.search(tail):
+            found = live.match(tail, 0)
+            if found is not None:
+                point = pos + found[0]
+        found = live.prefix(tail, 0)
+        if found is not None and pos + found[0] < point:
+            point = pos + found[0]
+        for start in _entropy_starts(tail, pos):
+            if start >= point:
+                break
+            if self._entropy_counts(start, min_severity):
+                point = start
+                break
+        return point
+
+    def _entropy_counts(self, start: int, min_severity: Severity) -> bool:
+        """Whether an entropy finding starting at ``start`` could reach ``min_severity``."""
+        if min_severity <= Severity.medium or 0 <= start - self._aws_key_end <= _AWS_PAIR_WINDOW:
+            return True
+        if min_severity >= Severity.critical:
+            return False
+        sc = self._scanner
+        lo = max(start - _KEYWORD_WINDOW, sc.pos - CONTEXT_CHARS, 0)  # still buffered
+        before = _CLAUSE_BREAK.split(sc.slice(lo, start))[-1]
+        return bool(_SECRET_WORDS.search(before))
 
     def _scan(self, final: bool) -> list[Finding]:
         out: list[Finding] = []
@@ -614,6 +702,7 @@ class SecretsDetector(Detector):
     def __init__(self, config: SecretsConfig) -> None:
         super().__init__(config)
         self.pattern = _compile()
+        self.live = _live_finders()
         self.reach = max(self.pattern.reach, _ENTROPY.reach)
         self.piece_chars = self.reach
         self.validators = _Validators(config)
