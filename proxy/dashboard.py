@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import time
 from collections import deque
@@ -149,7 +150,7 @@ def traffic_series(hist: list[Snapshot]) -> dict[str, list[Any]]:
     responses and redactions per second."""
     out: dict[str, list[Any]] = {"t": [], "requests": [], "errors_5xx": [], "upstream_errors": [],
                                  "blocked": [], "redacted": []}
-    for old, new in zip(hist, hist[1:], strict=False):
+    for old, new in itertools.pairwise(hist):
         dt = new.at - old.at
         if dt <= 0:
             continue
@@ -189,31 +190,42 @@ def findings_by_detector(new: Snapshot, old: Snapshot) -> dict[str, dict[str, in
     return dict(sorted(out.items()))
 
 
+def _per_model(counts: Mapping[tuple[str, str, str], float]) -> dict[str, dict[tuple[str, str], float]]:
+    """(model, a, b) -> n regrouped as model -> (a, b) -> n."""
+    out: dict[str, dict[tuple[str, str], float]] = {}
+    for (model, a, b), n in counts.items():
+        out.setdefault(model, {})[(a, b)] = n
+    return out
+
+
+def _share(counts: Mapping[tuple[str, str], float], first: frozenset[str], second: str) -> float | None:
+    """Share of ``second`` among the entries whose first key is in ``first``."""
+    rows = [(k, n) for k, n in counts.items() if k[0] in first]
+    return _ratio(sum(n for k, n in rows if k[1] == second), sum(n for _, n in rows))
+
+
 def scorecard(new: Snapshot, old: Snapshot) -> list[dict[str, Any]]:
     """The Grafana scorecard's columns per model, over the window between the snapshots."""
-    req = delta(new.requests, old.requests)
-    checked = delta(new.checked, old.checked)
-    classified = delta(new.classified, old.classified)
+    req = _per_model(delta(new.requests, old.requests))
+    checked = _per_model(delta(new.checked, old.checked))
+    classified = _per_model(delta(new.classified, old.classified))
     rows = []
-    for model in sorted({k[0] for k, v in req.items() if v > 0}):
-        total = _sum(req, lambda k, m=model: k[0] == m)
-
-        def rate(dets: frozenset[str], verdict: str, m: str = model) -> float | None:
-            part = _sum(checked, lambda k: k[0] == m and k[1] in dets and k[2] == verdict)
-            return _ratio(part, _sum(checked, lambda k: k[0] == m and k[1] in dets))
-
-        abst = _ratio(_sum(classified, lambda k, m=model: k[0] == m and k[1] == "transparency" and k[2] == "abstained"),
-                      _sum(classified, lambda k, m=model: k[0] == m and k[1] == "transparency"))
+    for model in sorted(m for m, by in req.items() if sum(by.values()) > 0):
+        by_status: dict[str, float] = {}
+        for (status, _outcome), n in req[model].items():
+            by_status[status] = by_status.get(status, 0.0) + n
+        ch, cl = checked.get(model, {}), classified.get(model, {})
         g_new, g_old = new.grounding.get(model, [0.0, 0.0]), old.grounding.get(model, [0.0, 0.0])
         lat = delta(new.latency.get(model, {}), old.latency.get(model, {}))
+        total = sum(by_status.values())
         rows.append({
             "model": model, "requests": round(total),
-            "error_rate": _rounded(_ratio(_sum(req, lambda k, m=model: k[0] == m and k[1] == "5xx"), total)),
-            "schema_valid": _rounded(rate(frozenset({"schema"}), "pass")),
-            "unsupported_claims": _rounded(rate(frozenset({"grounding"}), "flagged")),
-            "leak_rate": _rounded(rate(LEAK_DETECTORS, "flagged")),
-            "injection_rate": _rounded(rate(frozenset({"injection"}), "flagged")),
-            "abstention_rate": _rounded(abst),
+            "error_rate": _rounded(_ratio(by_status.get("5xx", 0.0), total)),
+            "schema_valid": _rounded(_share(ch, frozenset({"schema"}), "pass")),
+            "unsupported_claims": _rounded(_share(ch, frozenset({"grounding"}), "flagged")),
+            "leak_rate": _rounded(_share(ch, LEAK_DETECTORS, "flagged")),
+            "injection_rate": _rounded(_share(ch, frozenset({"injection"}), "flagged")),
+            "abstention_rate": _rounded(_share(cl, frozenset({"transparency"}), "abstained")),
             "grounding_mean": _rounded(_ratio(g_new[0] - g_old[0], g_new[1] - g_old[1])),
             "p90_latency": _rounded(quantile(0.9, lat), 5),
         })
