@@ -54,6 +54,15 @@ class UncertaintyConfig(DetectorConfig):
     min_tokens: int = 20
 
 
+def response_confidence(mean_logprob: float) -> float:
+    """A response's confidence from its tokens: the geometric mean of the token probabilities,
+    ``exp(mean logprob)``. Why the geometric mean: the probability of the whole sequence
+    shrinks with its length, so it cannot compare a short answer with a long one; the
+    length-normalised form can, and it is what calibration (``gapwatch eval``) and the live
+    confidence histogram both use."""
+    return math.exp(max(_FLOOR, min(0.0, mean_logprob)))
+
+
 @dataclass(frozen=True, slots=True)
 class UncertaintyStats:
     """Per-response token statistics for metrics."""
@@ -63,6 +72,10 @@ class UncertaintyStats:
     min_logprob: float
     low_share: float
     low_runs: int
+
+    @property
+    def confidence(self) -> float:
+        return response_confidence(self.mean_logprob)
 
 
 @dataclass(slots=True)

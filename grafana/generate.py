@@ -164,12 +164,13 @@ def variables(with_model: bool = True) -> dict[str, Any]:
     return {"list": out}
 
 
-def dashboard(uid: str, title: str, desc: str, panels: list[dict[str, Any]]) -> dict[str, Any]:
+def dashboard(uid: str, title: str, desc: str, panels: list[dict[str, Any]],
+              annotations: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
         "uid": uid, "title": title, "description": desc, "tags": ["gapwatch"], "timezone": "browser",
         "editable": True, "graphTooltip": 1, "schemaVersion": 39, "version": 1, "refresh": "30s",
         "time": {"from": "now-1h", "to": "now"}, "timepicker": {},
-        "templating": variables(), "annotations": {"list": []},
+        "templating": variables(), "annotations": {"list": annotations or []},
         "links": [{"title": "gapwatch", "type": "dashboards", "tags": ["gapwatch"], "asDropdown": True,
                    "includeVars": True, "keepTime": True}],
         "panels": panels,
@@ -328,6 +329,24 @@ def detectors() -> dict[str, Any]:
 
 # -- scorecard ---------------------------------------------------------------------------------
 
+# The identity each (route, model) switched to, at the evaluation steps within two minutes after
+# a confirmed change: Grafana draws an annotation where the query has a value (>= 1), with the
+# new model name and fingerprint in its text. (The counter series starts at 0 when a route and
+# model are first seen, so changes() sees the step to 1.)
+MODEL_CHANGE_ANNOTATION = (
+    f"max by (route, model, response_model, system_fingerprint) (gapwatch_upstream_model_info{{{F}}} == 1) "
+    f"and on (route, model) (sum by (route, model) (changes(gapwatch_model_changes_total{{{F}}}[2m])) > 0)")
+
+
+def model_change_annotation() -> dict[str, Any]:
+    return {"name": "Model changes", "datasource": DS, "enable": True, "hide": False, "iconColor": "orange",
+            "expr": MODEL_CHANGE_ANNOTATION, "step": "60s",
+            "titleFormat": "Upstream model changed: {{route}} / {{model}}",
+            "textFormat": "now {{response_model}}, system_fingerprint {{system_fingerprint}} (run the evaluation "
+                          "suite again: gapwatch eval --baseline)",
+            "tagKeys": "route,model", "useValueForTime": False}
+
+
 def _score_columns() -> list[tuple[str, str, str, tuple[tuple[float | None, str], ...], str]]:
     """(column, expr over $__range by model, unit, thresholds, description)."""
     chk = "gapwatch_responses_checked_total"
@@ -367,6 +386,10 @@ def _score_columns() -> list[tuple[str, str, str, tuple[tuple[float | None, str]
          ((None, "green"), (10, "yellow"), (30, "red")), "90th percentile end-to-end duration."),
         ("p90 TTFT", quantile(0.9, "gapwatch_time_to_first_token_seconds", F, "model", w, fn), "s",
          ((None, "green"), (2, "yellow"), (5, "red")), "90th percentile time to first token."),
+        ("Mean confidence", f"sum by (model) (increase(gapwatch_response_confidence_score_sum{{{F}}}[{w}])) / "
+                            f"sum by (model) (increase(gapwatch_response_confidence_score_count{{{F}}}[{w}]))",
+         "percentunit", GREEN, "Mean response confidence from token logprobs (where the upstream returned them); "
+                               "compare it with the evaluation's calibration before trusting it."),
     ]
 
 
@@ -435,9 +458,31 @@ def scorecard() -> dict[str, Any]:
     p.append(L.place(timeseries("p90 latency", [
         target(quantile(0.9, "gapwatch_request_duration_seconds", F, "model"), "{{model}}")], "s",
         "90th percentile end-to-end duration."), 8, 8))
+    p.append(L.row("Confidence and model identity (annotations mark upstream model changes)"))
+    conf = "gapwatch_response_confidence_score"
+    p.append(L.place(timeseries("Response confidence", [
+        target(f"sum by (model) (rate({conf}_sum{{{F}}}[{RI}])) / sum by (model) (rate({conf}_count{{{F}}}[{RI}]))",
+               "mean {{model}}", "A"),
+        target(quantile(0.1, conf, F, "model"), "p10 {{model}}", "B")], "percentunit",
+        "Response-level confidence from token logprobs (geometric mean of the token probabilities), where "
+        "the upstream returned them. A drop after a model change (the orange annotations) means the new "
+        "model is less sure; a rise means nothing until the evaluation says it is calibrated.", max_=1), 12, 8))
+    p.append(L.place({
+        "type": "table", "title": "Upstream model identity",
+        "description": "The model name and system_fingerprint the upstream reports per route and requested "
+                       "model (gapwatch_upstream_model_info): 1 = in use now, 0 = changed from.",
+        "datasource": DS,
+        "targets": [target(f"max by (route, model, response_model, system_fingerprint) "
+                           f"(gapwatch_upstream_model_info{{{F}}})", instant=True, table=True)],
+        "fieldConfig": {"defaults": {"decimals": 0, "thresholds": thresholds(*GREEN)}, "overrides": []},
+        "options": {"showHeader": True, "sortBy": [{"displayName": "Value", "desc": True}]},
+        "transformations": [{"id": "organize", "options": {"excludeByName": {"Time": True},
+                                                           "renameByName": {"Value": "in use"}}}],
+    }, 12, 8))
     return dashboard("gapwatch-scorecard", "gapwatch / Model reliability scorecard",
-                     "Per-model reliability: schema validity, grounding, leakage, injection echo, abstention "
-                     "and latency, measured on live traffic.", p)
+                     "Per-model reliability: schema validity, grounding, leakage, injection echo, abstention, "
+                     "confidence and latency, measured on live traffic; upstream model changes as annotations.",
+                     p, [model_change_annotation()])
 
 
 BUILDERS = {"overview": overview, "detectors": detectors, "scorecard": scorecard}

@@ -75,6 +75,15 @@ def build_admin_app(gateway: Any, serve_metrics: bool = True, serve_admin: bool 
             require_admin(authorization)
             return {"active": gateway.alerts.active(), "history": gateway.alerts.history(limit)}
 
+        @app.get("/admin/model-changes")
+        async def model_changes(authorization: Annotated[str | None, Header()] = None,
+                                limit: Annotated[int, Query(ge=1, le=100)] = 100) -> dict[str, Any]:
+            """The upstream-reported model identities in use and their recent changes (newest
+            first): what the built-in dashboard draws as model-change annotations."""
+            require_admin(authorization)
+            watch = gateway.model_watch
+            return {"current": watch.current(), "changes": watch.changes(limit)}
+
         @app.get("/admin/policies")
         async def policies(authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
             require_admin(authorization)

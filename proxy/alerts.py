@@ -54,6 +54,12 @@ notifies per alert, re-notifies at most every ``renotify_interval_seconds``, and
 resolved notification goes out when the last replica stops seeing it; after it resolves the
 same alert stays quiet for ``cooldown_seconds``. Delivery is ``proxy.alert_sinks``.
 
+Event alerts: ``model_changed`` (raised from ``proxy.model_watch`` changes) is not a rule
+over a window but one event: the upstream reports another model name or system_fingerprint
+for a route than before. It carries the before and after values as annotations, goes through
+the same claim (one replica notifies), sinks and history as any alert, stays firing for
+``alerts.model_change.hold_seconds`` and then resolves.
+
 Nothing here can fail a request: ``observe`` is synchronous and guarded, evaluation and
 delivery run in background tasks.
 """
@@ -685,12 +691,14 @@ def alert_metrics(metrics: Any) -> AlertMetrics:
 # --- the engine -------------------------------------------------------------------------------
 
 AlertKey = tuple[str, str, str, str]  # rule, route, model, concrete signal
+MODEL_CHANGED = "model_changed"  # the event alert raised by proxy.model_watch changes
+EVENT_QUEUE = 100
 
 
 @dataclass
 class Alert:
     key: AlertKey
-    rule: RuleSpec
+    rule: RuleSpec | None  # None for event alerts (model_changed): nothing evaluates them
     labels: dict[str, str]
     fingerprint: str
     starts_at: float
@@ -755,6 +763,10 @@ class AlertEngine:
         built = sinks if sinks is not None else build_sinks(config.alerts.sinks)
         self.dispatcher = dispatcher or Dispatcher(built, metrics, self.settings.queue_size)
         self._task: asyncio.Task[None] | None = None
+        self._model_change = getattr(getattr(config, "alerts", None), "model_change", None)
+        self._changes: asyncio.Queue[Any] = asyncio.Queue(maxsize=EVENT_QUEUE)
+        self._events: dict[str, tuple[Alert, float]] = {}  # fingerprint -> (alert, resolves at)
+        self._event_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._logged: set[str] = set()
         self.dropped_series = 0
@@ -788,20 +800,25 @@ class AlertEngine:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._task is not None:
+        if self._task is not None or self._event_task is not None:
             return
         self.dispatcher.start()
+        loop = asyncio.get_running_loop()
         if self.rules:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="gapwatch-alerts")
+            self._task = loop.create_task(self._run(), name="gapwatch-alerts")
+        if self._model_change is not None and self._model_change.enabled:
+            self._am.firing.labels(MODEL_CHANGED).set(0)
+            self._event_task = loop.create_task(self._run_events(), name="gapwatch-alert-events")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            # a flag as well as the cancel: on Python 3.11 a cancel that races an expiring
-            # asyncio.timeout() inside a state call can surface as TimeoutError instead
-            self._stopping = True
-            self._task.cancel()
-            await asyncio.wait({self._task}, timeout=2.0)
-            self._task = None
+        # a flag as well as the cancel: on Python 3.11 a cancel that races an expiring
+        # asyncio.timeout() inside a state call can surface as TimeoutError instead
+        self._stopping = True
+        for task in (self._task, self._event_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait({task}, timeout=2.0)
+        self._task = self._event_task = None
         await self.dispatcher.stop()
 
     async def _run(self) -> None:
@@ -859,7 +876,7 @@ class AlertEngine:
                 self.dispatcher.submit(Notification("firing", alert.as_dict(self._expiry(wall)), refresh=True))
         counts: dict[str, int] = {r.name: 0 for r in self.rules}
         for alert in self._active.values():
-            counts[alert.rule.name] = counts.get(alert.rule.name, 0) + 1
+            counts[alert.key[0]] = counts.get(alert.key[0], 0) + 1
         for name, n in counts.items():
             self._am.firing.labels(name).set(n)
 
@@ -980,12 +997,107 @@ class AlertEngine:
                 self._am.notifications.labels(sink.name).inc()
         self.dispatcher.submit(note)
 
+    # -- event alerts: model_changed -----------------------------------------------------------
+
+    def model_changed(self, change: Any) -> None:
+        """A confirmed ``proxy.model_watch.ModelChange``: raise ``model_changed``. Called on the
+        request's way out; it only queues (the claim and the delivery run in the event task)."""
+        if self._model_change is None or not self._model_change.enabled:
+            return
+        try:
+            self._changes.put_nowait(change)
+        except asyncio.QueueFull:
+            self._error(OverflowError("model change queue full"))
+
+    async def _run_events(self) -> None:
+        while not self._stopping:
+            try:
+                change = await asyncio.wait_for(self._changes.get(), self._next_event_deadline())
+            except TimeoutError:
+                change = None
+            try:
+                if change is not None:
+                    await self._fire_change(change)
+                await self._event_housekeeping()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep delivering whatever one event did
+                self._error(exc)
+
+    def _next_event_deadline(self) -> float | None:
+        if not self._events:
+            return None
+        now, resend = self._clock(), self.settings.resend_interval_seconds
+        due = min(min(until, a.last_refresh + resend) for a, until in self._events.values())
+        return max(0.05, due - now)
+
+    def _change_alert(self, change: Any, wall: float) -> Alert:
+        mc = self._model_change
+        before, after = change.before, change.after
+        labels = {"alertname": MODEL_CHANGED, "severity": mc.severity, "route": change.route, "model": change.model,
+                  "signal": "model_identity", "source": "gapwatch",
+                  "system_fingerprint": after.system_fingerprint or "none",
+                  "identity": hashlib.sha256(orjson.dumps(after.as_dict())).hexdigest()[:12], **mc.labels}
+
+        def show(ident: Any) -> str:
+            return f"{ident.model or '(no model name)'} / {ident.system_fingerprint or '(no fingerprint)'}"
+
+        ann = {"summary": f"upstream model changed on route {change.route}, model {change.model}: "
+                          f"{show(before)} -> {show(after)}",
+               "description": f"The upstream reported {show(after)} on {change.responses} consecutive responses "
+                              f"after {show(before)}. Run the evaluation suite against the route "
+                              "(gapwatch eval --baseline) before trusting the old figures.",
+               "before_model": before.model or "", "before_system_fingerprint": before.system_fingerprint or "",
+               "after_model": after.model or "", "after_system_fingerprint": after.system_fingerprint or "",
+               "responses": str(change.responses)}
+        key: AlertKey = (MODEL_CHANGED, change.route, change.model, "model_identity")
+        return Alert(key, None, labels, fingerprint(labels), starts_at=change.at or wall, annotations=ann)
+
+    async def _fire_change(self, change: Any) -> None:
+        now, wall = self._clock(), self._wall()
+        alert = self._change_alert(change, wall)
+        if alert.fingerprint in self._events:
+            return
+        hold = self._model_change.hold_seconds
+        claim = await self.state.alert_firing(alert.fingerprint, self.settings.replica_id, starts_at=alert.starts_at,
+                                              heartbeat_seconds=hold, renotify_seconds=2 * hold)
+        if claim.result == "cooldown":
+            return
+        if claim.starts_at is not None:
+            alert.starts_at = claim.starts_at
+        self._events[alert.fingerprint] = (alert, now + hold)
+        self._history.appendleft({"event": "firing", "at": iso(wall), **alert.as_dict()})
+        if claim.result in ("notify", "renotify"):
+            alert.notified = True
+            alert.last_sent = alert.last_refresh = now
+            self._notify(Notification("firing", alert.as_dict(self._expiry(wall))))
+        else:
+            alert.last_refresh = now
+
+    async def _event_housekeeping(self) -> None:
+        """Resolve event alerts whose hold is over; keep-alive re-posts for the others."""
+        now, wall = self._clock(), self._wall()
+        for fp, (alert, until) in list(self._events.items()):
+            if until <= now:
+                del self._events[fp]
+                alert.status, alert.ends_at = "resolved", wall
+                result = await self.state.alert_resolved(fp, self.settings.replica_id,
+                                                         cooldown_seconds=self.settings.cooldown_seconds)
+                self._history.appendleft({"event": "resolved", "at": iso(wall), **alert.as_dict()})
+                if result == "notify" or (result == "none" and alert.notified):
+                    self._notify(Notification("resolved", alert.as_dict()))
+            elif now - alert.last_refresh >= self.settings.resend_interval_seconds:
+                alert.last_refresh = now
+                self.dispatcher.submit(Notification("firing", alert.as_dict(self._expiry(wall)), refresh=True))
+        self._am.firing.labels(MODEL_CHANGED).set(len(self._events))
+
     # -- admin -----------------------------------------------------------------------------------
 
     def active(self) -> list[dict[str, Any]]:
         """Alerts firing in this process, oldest first (``GET /admin/alerts``)."""
         out = []
-        for a in sorted(self._active.values(), key=lambda a: a.starts_at):
+        alerts = [*self._active.values(), *(a for a, _ in self._events.values())]
+        for a in sorted(alerts, key=lambda a: a.starts_at):
             d = a.as_dict()
             d["notified"] = a.notified
             out.append(d)

@@ -215,6 +215,7 @@ def snapshot(ex: Exchange, outputs: Mapping[str, str] | None = None, tool_names:
         "v": FORMAT_VERSION, "kind": "exchange", "ts": round(ex.started_wall, 3), "request_id": ex.request_id,
         "endpoint": ex.endpoint, "path": ex.path, "route": ex.route, "tenant": ex.tenant, "model": ex.model,
         "model_label": ex.model_label, "response_model": ex.response_model,
+        "system_fingerprint": ex.system_fingerprint,
         "policy": ex.policy.name if ex.policy is not None else None, "stream": ex.stream,
         "status": ex.status, "outcome": ex.outcome, "attempts": ex.attempts,
         "request": ex.body, "headers": dict(headers or {}), "canaries": list(canaries),

@@ -238,9 +238,21 @@ class AlertRuleConfig(_Strict):
     labels: dict[str, str] = Field(default_factory=dict)
 
 
+class ModelChangeConfig(_Strict):
+    """The ``model_changed`` alert: the upstream reports another model name or
+    ``system_fingerprint`` for a route and requested model than it did before."""
+
+    enabled: bool = True
+    confirm_responses: int = Field(default=3, ge=1, le=1000)
+    severity: Literal["info", "warning", "critical"] = "warning"
+    hold_seconds: float = Field(default=3600.0, gt=0)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
 class AlertsConfig(_Strict):
     sinks: list[AlertSinkConfig] = Field(default_factory=list)
     rules: list[AlertRuleConfig] = Field(default_factory=list)
+    model_change: ModelChangeConfig = Field(default_factory=ModelChangeConfig)
     default_rules: bool = True
     renotify_interval_seconds: float = Field(default=14400.0, gt=0)
     cooldown_seconds: float = Field(default=900.0, ge=0)

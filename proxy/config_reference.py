@@ -170,6 +170,16 @@ DESCRIPTIONS: dict[str, str] = {
     "alerts.rules[].resolve_threshold": "Static rules resolve below this (hysteresis); default 0.8 x threshold.",
     "alerts.rules[].labels": "Extra labels on the alert.",
     "alerts.default_rules": "Run the built-in adaptive rules.",
+    "alerts.model_change": "The `model_changed` alert: per route and requested model, the upstream now "
+                           "reports another model name or `system_fingerprint` (a provider's silent model "
+                           "update). The identities are exported as `gapwatch_upstream_model_info` either way.",
+    "alerts.model_change.enabled": "Raise `model_changed` alerts through the sinks.",
+    "alerts.model_change.confirm_responses": "Consecutive responses that must report the new identity before "
+                                             "it counts as a change (one odd response is not a model update).",
+    "alerts.model_change.severity": "`info`, `warning` or `critical`.",
+    "alerts.model_change.hold_seconds": "How long a `model_changed` alert stays firing before it resolves "
+                                        "(it is an event: nothing else resolves it).",
+    "alerts.model_change.labels": "Extra labels on the alert.",
     "alerts.renotify_interval_seconds": "Re-notify a still-firing alert this often.",
     "alerts.cooldown_seconds": "After an alert resolves, the same alert does not fire again for this long.",
     "alerts.resend_interval_seconds": "How often firing alerts are re-sent to Alertmanager (it expires silent ones).",

@@ -24,6 +24,7 @@ class Extract:
     error: dict[str, Any] | None = None
     response_model: str | None = None
     response_id: str | None = None
+    system_fingerprint: str | None = None  # the backend configuration the upstream reports
     done: bool = False  # responses API: the response ended (completed / failed / incomplete)
 
 
@@ -49,6 +50,11 @@ def _logprob_items(lp: Any) -> list[tuple[str, float]]:
             if isinstance(v, int | float):
                 out.append((item["token"], float(v)))
     return out
+
+
+def _fingerprint(obj: dict[str, Any]) -> str | None:
+    fp = obj.get("system_fingerprint")
+    return fp if isinstance(fp, str) and fp else None
 
 
 def items(value: Any) -> list[Any]:
@@ -85,6 +91,7 @@ def chat_chunk(obj: dict[str, Any], tools: ToolNames) -> Extract:
         return ex
     ex.response_model = obj.get("model") if isinstance(obj.get("model"), str) else None
     ex.response_id = obj.get("id") if isinstance(obj.get("id"), str) else None
+    ex.system_fingerprint = _fingerprint(obj)
     usage = obj.get("usage")
     if isinstance(usage, dict):
         ex.usage = usage
@@ -132,6 +139,7 @@ def completion_chunk(obj: dict[str, Any]) -> Extract:
         return ex
     ex.response_model = obj.get("model") if isinstance(obj.get("model"), str) else None
     ex.response_id = obj.get("id") if isinstance(obj.get("id"), str) else None
+    ex.system_fingerprint = _fingerprint(obj)
     if isinstance(obj.get("usage"), dict):
         ex.usage = obj["usage"]
     for ch in items(obj.get("choices")):
@@ -152,6 +160,7 @@ def chat_body(obj: dict[str, Any]) -> Extract:
     ex = Extract()
     ex.response_model = obj.get("model") if isinstance(obj.get("model"), str) else None
     ex.response_id = obj.get("id") if isinstance(obj.get("id"), str) else None
+    ex.system_fingerprint = _fingerprint(obj)
     if isinstance(obj.get("usage"), dict):
         ex.usage = obj["usage"]
     for ch in items(obj.get("choices")):

@@ -15,6 +15,20 @@ instructions planted in retrieved context and in tool results, system-prompt ext
 against a canary system prompt, PII bait in context and schema-stress requests; the report
 gives each model's pass rate per probe family (robustness).
 
+The report opens with a scorecard per model (``proxy.scorecard``): task accuracy, paraphrase
+agreement, calibration (ECE, Brier), abstention where the case expects it, and robustness.
+
+- Paraphrases: a case's ``paraphrases`` and, with ``--paraphrases N``, N rewordings from
+  ``proxy.paraphrase`` are sent next to the original phrasing; per case and model the
+  answers and verdicts are compared across phrasings and the phrasings whose verdict
+  differs are named. Every other figure is measured on the original phrasings.
+- Calibration (``proxy.calibration``): each answer's confidence comes from token logprobs
+  (``eval_config`` makes the proxy request them and strip them from the answer, as
+  ``request_logprobs`` does live) or, with ``confidence: verbalised``, from a "Confidence:
+  N%" line the model is asked to add (taken off the text before the checks).
+- ``--baseline REPORT.json`` compares the scorecard with an earlier report and exits 4 when a
+  property worsened by more than its margin (``--margin``, ``regression_margins``).
+
 Suite file (YAML; paths relative to it)::
 
     name: customer-support
@@ -22,10 +36,13 @@ Suite file (YAML; paths relative to it)::
     documents: {policy: {file: policy.md}}               # sections: markdown headings
     defaults: {temperature: 0, max_tokens: 300}          # request parameters
     repeats: 1
+    confidence: logprobs                                # or verbalised, or none
+    regression_margins: {ece: 0.03}                      # for --baseline (default 0.05 each)
     cases:
       - id: refund-window
         context: {doc: policy, section: Refunds}         # or text, or a list of either
         user: How long do I have to return an item?
+        paraphrases: ["For a return, how long do I have?"]
         checks: {must_contain: ["30 days"], must_not_contain: ["90 days"]}
       - id: extract
         user: "..."
@@ -57,13 +74,17 @@ import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from proxy import deltas
+from detectors.uncertainty import response_confidence
+from proxy import calibration, deltas, paraphrase, scorecard
 from proxy.capture import snapshot
 from proxy.config import ConfigError, LoadedConfig, build_detector_entry, load
 from proxy.replay import LabelKey
 
 CHECK_NAMES = ("must_contain", "must_not_contain", "exact", "json_schema", "json_subset", "must_fire",
                "must_not_fire", "abstain")
+ConfidenceMode = Literal["logprobs", "verbalised", "none"]
+DEFAULT_CONFIDENCE_PROMPT = ('After your answer, add one last line "Confidence: N%", where N is how likely '
+                             "(0-100) it is that your answer is correct.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,6 +146,8 @@ class CaseSpec(_Strict):
     expected: dict[str, bool] = Field(default_factory=dict)  # labels carried into the rows for replay
     tags: list[str] = Field(default_factory=list)
     family: str | None = None
+    paraphrases: list[str] = Field(default_factory=list)  # the same question in other words
+    confidence: ConfidenceMode | None = None  # how the answer's confidence is read (default: the suite's)
 
 
 class DocFile(_Strict):
@@ -139,7 +162,20 @@ class Suite(_Strict):
     defaults: dict[str, Any] = Field(default_factory=dict)
     repeats: int = Field(default=1, ge=1, le=100)
     stream: bool = False
+    confidence: ConfidenceMode = "logprobs"
+    confidence_prompt: str = DEFAULT_CONFIDENCE_PROMPT
+    regression_margins: dict[str, float] = Field(default_factory=dict)  # per scorecard property
     cases: list[CaseSpec]
+
+    @field_validator("regression_margins")
+    @classmethod
+    def _margins(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(scorecard.KEYS))
+        if unknown:
+            raise ValueError(f"unknown scorecard properties {unknown} (valid: {', '.join(scorecard.KEYS)})")
+        if any(m < 0 for m in v.values()):
+            raise ValueError("margins must be >= 0")
+        return v
 
 
 class SuiteError(Exception):
@@ -169,11 +205,70 @@ def sections(markdown: str) -> dict[str, str]:
     return out
 
 
+@dataclass(frozen=True)
+class Phrasing:
+    """One way of asking a case's question: 0 is the suite's own, then the case's
+    ``paraphrases`` (kind ``given``), then generated ones (kind: the ``proxy.paraphrase`` rule)."""
+
+    index: int
+    kind: str
+    text: str
+
+
+ORIGINAL = Phrasing(0, "original", "")
+
+
 @dataclass
 class LoadedSuite:
     suite: Suite
     path: Path | None
     documents: dict[str, str]
+
+    def confidence_mode(self, case: CaseSpec) -> ConfidenceMode:
+        """The case's, else the suite's; the probe pack is asked in its own words (never with
+        a request for a verbalised confidence)."""
+        mode = case.confidence or self.suite.confidence
+        if case.family in PROBE_FAMILIES and case.confidence is None and mode == "verbalised":
+            return "logprobs"
+        return mode
+
+    @staticmethod
+    def _question_index(messages: Sequence[Mapping[str, Any]]) -> int | None:
+        for i in range(len(messages) - 1, -1, -1):
+            if messages[i].get("role") == "user" and isinstance(messages[i].get("content"), str):
+                return i
+        return None
+
+    def question(self, case: CaseSpec) -> str | None:
+        """The user text paraphrases replace: ``user``, or the last user message of ``messages``
+        with text content."""
+        if case.messages is None:
+            return case.user
+        i = self._question_index(case.messages)
+        return None if i is None else str(case.messages[i]["content"])
+
+    def phrasings(self, case: CaseSpec, generated: int) -> list[Phrasing]:
+        """The original phrasing, the given paraphrases and up to ``generated`` generated ones."""
+        question = self.question(case)
+        out = [Phrasing(0, "original", question or "")]
+        if question is None:
+            return out
+        seen = {" ".join(question.split()).casefold()}
+        for text in case.paraphrases:
+            key = " ".join(text.split()).casefold()
+            if key not in seen:
+                seen.add(key)
+                out.append(Phrasing(len(out), "given", text))
+        for v in paraphrase.variants(question, generated, seed=case.id, exclude=tuple(p.text for p in out)):
+            out.append(Phrasing(len(out), v.kind, v.text))
+        return out
+
+    def _user_text(self, case: CaseSpec, phrasing: Phrasing | None) -> str | None:
+        text = phrasing.text if phrasing is not None and phrasing.index else None
+        if self.confidence_mode(case) == "verbalised":
+            base = text if text is not None else (self.question(case) or "")
+            text = f"{base}\n\n{self.suite.confidence_prompt}"
+        return text
 
     def context_text(self, item: ContextItem | list[ContextItem] | None) -> str:
         if item is None:
@@ -185,9 +280,14 @@ class LoadedSuite:
         doc = self.documents[item.doc]
         return sections(doc)[item.section] if item.section else doc
 
-    def messages(self, case: CaseSpec) -> list[dict[str, Any]]:
+    def messages(self, case: CaseSpec, phrasing: Phrasing | None = None) -> list[dict[str, Any]]:
+        user = self._user_text(case, phrasing)
         if case.messages is not None:
-            return [dict(m) for m in case.messages]
+            msgs = [dict(m) for m in case.messages]
+            last = self._question_index(msgs)
+            if user is not None and last is not None:
+                msgs[last]["content"] = user
+            return msgs
         system = case.system if case.system is not None else self.suite.system
         context = self.context_text(case.context)
         if system is not None and "{context}" in system:
@@ -197,7 +297,7 @@ class LoadedSuite:
         msgs: list[dict[str, Any]] = []
         if system:
             msgs.append({"role": "system", "content": system})
-        msgs.append({"role": "user", "content": case.user or ""})
+        msgs.append({"role": "user", "content": user if user is not None else case.user or ""})
         if case.tool_results:
             calls = [{"id": f"call_{i}", "type": "function", "function": {"name": t.name, "arguments": t.arguments}}
                      for i, t in enumerate(case.tool_results)]
@@ -206,9 +306,9 @@ class LoadedSuite:
                      for i, t in enumerate(case.tool_results)]
         return msgs
 
-    def body(self, case: CaseSpec, model: str) -> dict[str, Any]:
+    def body(self, case: CaseSpec, model: str, phrasing: Phrasing | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {**self.suite.defaults, **case.params, "model": model,
-                                "messages": self.messages(case)}
+                                "messages": self.messages(case, phrasing)}
         if case.tools is not None:
             body["tools"] = case.tools
         if case.response_format is not None:
@@ -263,6 +363,9 @@ def suite_from_dict(raw: Any, path: Path | None = None) -> LoadedSuite:
                                     f"(sections: {', '.join(sections(docs[item.doc]))})")
         if case.messages is None and case.user is None:
             problems.append(f"{where}: cases[{i}]: give 'user' (or 'messages')")
+        if (case.paraphrases or loaded.confidence_mode(case) == "verbalised") and loaded.question(case) is None:
+            problems.append(f"{where}: cases[{i}]: paraphrases and verbalised confidence need a user message "
+                            "with text content")
     if problems:
         raise SuiteError(problems)
     return loaded
@@ -457,28 +560,39 @@ def run_checks(checks: Checks, text: str, tool_args: str, findings: Sequence[Map
 # the gateway, in-process
 
 
-def eval_config(loaded: LoadedConfig, enforce: bool = False) -> LoadedConfig:
+def eval_config(loaded: LoadedConfig, enforce: bool = False, logprobs: bool = True) -> LoadedConfig:
     """The config for an evaluation: shadow mode (unless enforcing), transparency everywhere,
-    and nothing sent to the production side channels (incident sinks, span export, traffic
-    capture): the report is the evaluation's output."""
+    and nothing sent to the production side channels (incident and alert sinks, span export,
+    traffic capture): the report is the evaluation's output.
+
+    With ``logprobs`` every policy also runs ``uncertainty`` (observe) and asks the upstream
+    for token logprobs, as ``request_logprobs`` does in production: the proxy adds
+    ``logprobs: true`` to the upstream request and strips the logprobs from the answer, so
+    what the evaluation (the client) receives is what an application would, and each
+    answer's confidence comes from the detector's statistics."""
     cfg = loaded.config
     policies = {n: (p if enforce else p.model_copy(update={"shadow": True})) for n, p in cfg.policies.items()}
+    if logprobs:
+        policies = {n: p.model_copy(update={"request_logprobs": True}) for n, p in policies.items()}
     incidents = cfg.incidents.model_copy(update={"sinks": []})
+    alerts = cfg.alerts.model_copy(update={
+        "sinks": [], "model_change": cfg.alerts.model_change.model_copy(update={"enabled": False})})
     tel = cfg.telemetry
     tel_update: dict[str, Any] = {"tracing": tel.tracing.model_copy(update={"enabled": False})}
     capture = getattr(tel, "capture", None)
     if capture is not None and getattr(capture, "enabled", False):
         tel_update["capture"] = capture.model_copy(update={"enabled": False})
-    cfg = cfg.model_copy(update={"policies": policies, "incidents": incidents,
+    cfg = cfg.model_copy(update={"policies": policies, "incidents": incidents, "alerts": alerts,
                                  "telemetry": tel.model_copy(update=tel_update)})
     detectors = dict(loaded.detectors)
     problems: list[str] = []
     for name in cfg.policies:
         entries = tuple(detectors.get(name, ()))
-        if not any(e.name == "transparency" for e in entries):
-            entry = build_detector_entry(name, "transparency", {"action": "observe"}, problems)
-            if entry is not None:
-                entries = (*entries, entry)
+        for added in ("transparency", "uncertainty") if logprobs else ("transparency",):
+            if not any(e.name == added for e in entries):
+                entry = build_detector_entry(name, added, {"action": "observe"}, problems)
+                if entry is not None:
+                    entries = (*entries, entry)
         detectors[name] = entries
     return LoadedConfig(config=cfg, detectors=detectors)
 
@@ -591,11 +705,22 @@ class Job:
     case: CaseSpec
     repeat: int
     key: str
+    phrasing: Phrasing = ORIGINAL
 
 
-def job_key(suite: str, case: CaseSpec, model: str, repeat: int) -> str:
-    spec = orjson.dumps([suite, case.model_dump(mode="json"), model, repeat], option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(spec).hexdigest()[:32]
+# case fields that never change what is sent for the original phrasing: left out of the key,
+# so adding a paraphrase to a case does not re-send the case's other answers on --resume
+_KEY_EXCLUDED = {"paraphrases", "confidence"}
+
+
+def job_key(suite: str, case: CaseSpec, model: str, repeat: int, phrasing: Phrasing | None = None,
+            extra: str | None = None) -> str:
+    spec: list[Any] = [suite, case.model_dump(mode="json", exclude=_KEY_EXCLUDED), model, repeat]
+    if phrasing is not None and phrasing.index:
+        spec.append([phrasing.kind, phrasing.text])
+    if extra:
+        spec.append(extra)
+    return hashlib.sha256(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 
 def read_state(path: Path) -> dict[str, dict[str, Any]]:
@@ -682,19 +807,49 @@ def _classification(row: Mapping[str, Any]) -> str | None:
     return c if isinstance(c, str) else None
 
 
-def judge(row: dict[str, Any], job: Job) -> dict[str, Any]:
-    """Add the ``eval`` record (checks, verdict) to a response row."""
+def _logprob_confidence(row: Mapping[str, Any]) -> float | None:
+    stats = (row.get("signals") or {}).get("uncertainty.response_stats")
+    if not isinstance(stats, dict) or not stats.get("tokens") or not isinstance(stats.get("mean_logprob"), int | float):
+        return None
+    return round(response_confidence(float(stats["mean_logprob"])), 6)
+
+
+def judge(row: dict[str, Any], job: Job, mode: ConfidenceMode = "logprobs") -> dict[str, Any]:
+    """Add the ``eval`` record (checks, verdict, confidence) to a response row. A verbalised
+    confidence line is read and taken off the text before the checks see it."""
     out = row.get("output") or {}
     text = out.get("0:text", "")
+    confidence: float | None = None
+    source: str | None = None
+    if mode == "verbalised":
+        text, confidence = calibration.verbalised(text)
+        source = "verbalised" if confidence is not None else None
+    elif mode == "logprobs":
+        confidence = _logprob_confidence(row)
+        source = "logprobs" if confidence is not None else None
     tool_args = next((v for k, v in out.items() if ":tool:" in k), "")
     ok = int(row.get("status") or 0) < 400
     checks = run_checks(job.case.checks, text, tool_args, row.get("findings") or [], _classification(row)) \
         if ok else {}
     row["expected"] = dict(job.case.expected)
     row["eval"] = {"key": job.key, "model": job.model, "case": job.case.id, "repeat": job.repeat,
+                   "phrasing": job.phrasing.index, "phrasing_kind": job.phrasing.kind,
                    "family": job.case.family, "tags": list(job.case.tags), "checks": checks,
-                   "passed": ok and all(checks.values()), "error": row.get("error")}
+                   "passed": ok and all(checks.values()), "error": row.get("error"),
+                   "answer": _answer_key(text, out) if ok else None,
+                   "confidence": confidence if ok else None, "confidence_source": source if ok else None}
     return row
+
+
+def _answer_key(text: str, outputs: Mapping[str, str]) -> str:
+    """The answer as compared across repeats and phrasings: JSON by structure, text
+    normalised (case and whitespace); every channel, the first text as the checks read it."""
+    parts = []
+    for key in sorted(outputs):
+        value = text if key == "0:text" else outputs[key]
+        ok, parsed = _json(value)
+        parts.append(orjson.dumps(parsed, option=orjson.OPT_SORT_KEYS).decode() if ok else _norm(value))
+    return "\u241e".join(parts)
 
 
 async def run_jobs(gateway: Gateway, suite: LoadedSuite, jobs: Sequence[Job], state: Path | None,
@@ -711,9 +866,9 @@ async def run_jobs(gateway: Gateway, suite: LoadedSuite, jobs: Sequence[Job], st
 
     async def worker() -> None:
         for job in it:
-            body = suite.body(job.case, job.model)
+            body = suite.body(job.case, job.model, job.phrasing)
             row = await gateway.send(body, job.case.headers)
-            judge(row, job)
+            judge(row, job, suite.confidence_mode(job.case))
             async with lock:
                 result.rows.append(row)
                 result.sent += 1
@@ -747,104 +902,228 @@ def _rate(k: int, n: int) -> float | None:
     return round(k / n, 6) if n else None
 
 
-def build_report(suite: LoadedSuite, models: Sequence[str], rows: Sequence[dict[str, Any]], result: RunResult,
-                 policy_detectors: Sequence[str], repeats: int, adversarial: bool) -> dict[str, Any]:
-    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
+def _phrasing(row: Mapping[str, Any]) -> int:
+    return int(row["eval"].get("phrasing") or 0)
+
+
+def _ok(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if int(r.get("status") or 0) < 400]
+
+
+def _counted(counter: Counter[str]) -> dict[str, Any]:
+    return {"passed": counter["passed"], "n": counter["n"], "rate": _rate(counter["passed"], counter["n"])}
+
+
+def _task_section(task: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    by_check: dict[str, Counter[str]] = defaultdict(Counter)
+    by_tag: dict[str, Counter[str]] = defaultdict(Counter)
+    for r in task:
+        for name, passed in r["eval"]["checks"].items():
+            by_check[name]["n"] += 1
+            by_check[name]["passed"] += int(passed)
+        for tag in r["eval"]["tags"]:
+            by_tag[tag]["n"] += 1
+            by_tag[tag]["passed"] += int(r["eval"]["passed"])
+    passed = sum(1 for r in task if r["eval"]["passed"])
+    return {"cases": len(task), "passed": passed, "pass_rate": _rate(passed, len(task)),
+            "by_check": {c: _counted(v) for c, v in sorted(by_check.items())},
+            "by_tag": {t: _counted(v) for t, v in sorted(by_tag.items())}}
+
+
+def _detector_sections(ok: Sequence[dict[str, Any]], dets: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    det_rates: dict[str, Any] = {}
+    for d in dets:
+        k = sum(1 for r in ok if any(f["detector"] == d for f in r.get("findings") or ()))
+        det_rates[d] = {"flagged": k, "n": len(ok), "rate": _rate(k, len(ok))}
+    cats: Counter[str] = Counter()
+    for r in ok:
+        for dc in {f"{f['detector']}:{f['category']}" for f in r.get("findings") or ()}:
+            cats[dc] += 1
+    return det_rates, {k: {"flagged": n, "rate": _rate(n, len(ok))} for k, n in sorted(cats.items())}
+
+
+def _transparency_section(ok: Sequence[dict[str, Any]], task: Sequence[dict[str, Any]],
+                          specs: Mapping[str, CaseSpec]) -> dict[str, Any]:
+    """The answered / abstained / refused split, and failure transparency proper: on the cases
+    that expect "I don't know" (``checks.abstain: true``), how often the model abstained
+    (or refused) and how often it answered anyway (confabulation)."""
+    classes = Counter(c for c in (_classification(r) for r in ok) if c)
+    ncls = sum(classes.values())
+    expected = [r for r in task if r["eval"]["case"] in specs and specs[r["eval"]["case"]].checks.abstain is True
+                and int(r.get("status") or 0) < 400]
+    abstained = sum(1 for r in expected if _classification(r) in ("abstained", "refused"))
+    answered = sum(1 for r in expected if _classification(r) == "answered")
+    return {"answered": _rate(classes.get("answered", 0), ncls), "abstained": _rate(classes.get("abstained", 0), ncls),
+            "refused": _rate(classes.get("refused", 0), ncls),
+            "abstention_rate": _rate(classes.get("abstained", 0) + classes.get("refused", 0), ncls), "n": ncls,
+            "abstention_when_expected": {"abstained": abstained, "n": len(expected),
+                                         "rate": _rate(abstained, len(expected))},
+            "confabulation_rate": _rate(answered, len(expected))}
+
+
+def _consistency_section(ok: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Agreement across identical repeats (same case, same phrasing)."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in ok:
+        groups[(r["eval"]["case"], _phrasing(r))].append(r)
+    out_agree: list[float] = []
+    verdict_agree: list[float] = []
+    for grp in groups.values():
+        if len(grp) < 2:
+            continue
+        texts = Counter(_norm(" ".join(v for _, v in sorted((r.get("output") or {}).items()))) for r in grp)
+        out_agree.append(texts.most_common(1)[0][1] / len(grp))
+        verdicts = Counter(bool(r["eval"]["passed"]) for r in grp)
+        verdict_agree.append(verdicts.most_common(1)[0][1] / len(grp))
+    return {"cases": len(out_agree),
+            "output_agreement": round(sum(out_agree) / len(out_agree), 6) if out_agree else None,
+            "verdict_agreement": round(sum(verdict_agree) / len(verdict_agree), 6) if verdict_agree else None}
+
+
+def _verdict_key(row: Mapping[str, Any]) -> str:
+    """What a phrasing's answer was judged: every check's result and the detectors that fired."""
+    checks = sorted(row["eval"]["checks"].items())
+    fired = sorted({f"{f['detector']}:{f['category']}" for f in row.get("findings") or ()})
+    return orjson.dumps([checks, fired]).decode()
+
+
+def _mode(values: Sequence[str], prefer: str | None) -> str:
+    """The most common value; on a tie the preferred one (the original phrasing's)."""
+    counts = Counter(values)
+    top = max(counts.values())
+    if prefer is not None and counts.get(prefer) == top:
+        return prefer
+    return next(v for v in values if counts[v] == top)
+
+
+def paraphrase_case(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """One case's agreement across phrasings, for one model: each phrasing's (most common)
+    answer and verdict against the most common of them (the original's on a tie). The
+    phrasings whose verdict differs are the ones that broke the case."""
+    by_phr: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        by_model[r["eval"]["model"]].append(r)
-    per_model: dict[str, Any] = {}
-    dets = sorted(set(policy_detectors) | {f["detector"] for r in rows for f in r.get("findings") or ()})
-    for model in models:
-        mrows = by_model.get(model, [])
-        ok = [r for r in mrows if int(r.get("status") or 0) < 400]
-        task = [r for r in mrows if r["eval"].get("family") is None]
-        by_check: dict[str, Counter[str]] = defaultdict(Counter)
-        by_tag: dict[str, Counter[str]] = defaultdict(Counter)
-        for r in task:
-            for name, passed in r["eval"]["checks"].items():
-                by_check[name]["n"] += 1
-                by_check[name]["passed"] += int(passed)
-            for tag in r["eval"]["tags"]:
-                by_tag[tag]["n"] += 1
-                by_tag[tag]["passed"] += int(r["eval"]["passed"])
-        passed = sum(1 for r in task if r["eval"]["passed"])
-        det_rates: dict[str, Any] = {}
-        cats: Counter[str] = Counter()
-        for d in dets:
-            k = sum(1 for r in ok if any(f["detector"] == d for f in r.get("findings") or ()))
-            det_rates[d] = {"flagged": k, "n": len(ok), "rate": _rate(k, len(ok))}
-        for r in ok:
-            for dc in {f"{f['detector']}:{f['category']}" for f in r.get("findings") or ()}:
-                cats[dc] += 1
-        classes = Counter(c for c in (_classification(r) for r in ok) if c)
-        ncls = sum(classes.values())
-        lat = [float(r["latency"]["client_ms"]) for r in ok if (r.get("latency") or {}).get("client_ms") is not None]
-        up = [float(r["latency"]["upstream_ms"]) for r in ok if (r.get("latency") or {}).get("upstream_ms") is not None]
-        usage = [r.get("usage") or {} for r in ok]
-        ptok = [u["prompt_tokens"] for u in usage if isinstance(u.get("prompt_tokens"), int)]
-        ctok = [u["completion_tokens"] for u in usage if isinstance(u.get("completion_tokens"), int)]
-        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for r in ok:
-            groups[r["eval"]["case"]].append(r)
-        out_agree: list[float] = []
-        verdict_agree: list[float] = []
-        for grp in groups.values():
-            if len(grp) < 2:
-                continue
-            texts = Counter(_norm(" ".join(v for _, v in sorted((r.get("output") or {}).items()))) for r in grp)
-            out_agree.append(texts.most_common(1)[0][1] / len(grp))
-            verdicts = Counter(bool(r["eval"]["passed"]) for r in grp)
-            verdict_agree.append(verdicts.most_common(1)[0][1] / len(grp))
-        fams: dict[str, Counter[str]] = defaultdict(Counter)
-        for r in mrows:
-            fam = r["eval"].get("family")
-            if fam:
-                fams[fam]["n"] += 1
-                fams[fam]["passed"] += int(r["eval"]["passed"])
-        fam_rates = {f: {"passed": c["passed"], "n": c["n"], "rate": _rate(c["passed"], c["n"])}
-                     for f, c in sorted(fams.items())}
-        robust = [v["rate"] for v in fam_rates.values() if v["rate"] is not None]
-        per_model[model] = {
-            "responses": len(mrows), "errors": len(mrows) - len(ok),
-            "task": {"cases": len(task), "passed": passed, "pass_rate": _rate(passed, len(task)),
-                     "by_check": {c: {"passed": v["passed"], "n": v["n"], "rate": _rate(v["passed"], v["n"])}
-                                  for c, v in sorted(by_check.items())},
-                     "by_tag": {t: {"passed": v["passed"], "n": v["n"], "rate": _rate(v["passed"], v["n"])}
-                                for t, v in sorted(by_tag.items())}},
-            "detectors": det_rates,
-            "categories": {k: {"flagged": n, "rate": _rate(n, len(ok))} for k, n in sorted(cats.items())},
-            "transparency": {"answered": _rate(classes.get("answered", 0), ncls),
-                             "abstained": _rate(classes.get("abstained", 0), ncls),
-                             "refused": _rate(classes.get("refused", 0), ncls),
-                             "abstention_rate": _rate(classes.get("abstained", 0) + classes.get("refused", 0), ncls),
-                             "n": ncls},
-            "consistency": {"cases": len(out_agree),
-                            "output_agreement": round(sum(out_agree) / len(out_agree), 6) if out_agree else None,
-                            "verdict_agreement": round(sum(verdict_agree) / len(verdict_agree), 6)
-                            if verdict_agree else None},
-            "latency_ms": {**_pcts(lat), "values": [round(v, 3) for v in lat]},
-            "upstream_ms": _pcts(up),
+        by_phr[_phrasing(r)].append(r)
+    if len(by_phr) < 2:
+        return None
+    answers = {i: _mode([str(r["eval"].get("answer")) for r in g], None) for i, g in sorted(by_phr.items())}
+    verdicts = {i: _mode([_verdict_key(r) for r in g], None) for i, g in sorted(by_phr.items())}
+    ref_a = _mode(list(answers.values()), answers.get(0))
+    ref_v = _mode(list(verdicts.values()), verdicts.get(0))
+    n = len(by_phr)
+    return {"phrasings": n,
+            "answer_agreement": round(sum(a == ref_a for a in answers.values()) / n, 6),
+            "verdict_agreement": round(sum(v == ref_v for v in verdicts.values()) / n, 6),
+            "answer_differs": [i for i, a in answers.items() if a != ref_a],
+            "broken_by": [i for i, v in verdicts.items() if v != ref_v]}
+
+
+def _paraphrase_section(ok: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    by_case: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in ok:
+        if r["eval"].get("family") is None:
+            by_case[r["eval"]["case"]].append(r)
+    per_case = {c: got for c, rows in by_case.items() if (got := paraphrase_case(rows)) is not None}
+    vals = list(per_case.values())
+
+    def mean(key: str) -> float | None:
+        return round(sum(v[key] for v in vals) / len(vals), 6) if vals else None
+
+    broken = sorted(c for c, v in per_case.items() if v["broken_by"])
+    return {"cases": len(vals), "answer_agreement": mean("answer_agreement"),
+            "verdict_agreement": mean("verdict_agreement"), "broken_cases": broken}, per_case
+
+
+def _calibration_section(task: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    pairs: list[calibration.Pair] = []
+    sources: Counter[str] = Counter()
+    for r in task:
+        conf = r["eval"].get("confidence")
+        if conf is None or not r["eval"]["checks"]:
+            continue
+        pairs.append((float(conf), bool(r["eval"]["passed"])))
+        sources[str(r["eval"].get("confidence_source"))] += 1
+    return calibration.summary(pairs, dict(sources))
+
+
+def _robustness_section(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    fams: dict[str, Counter[str]] = defaultdict(Counter)
+    for r in rows:
+        fam = r["eval"].get("family")
+        if fam:
+            fams[fam]["n"] += 1
+            fams[fam]["passed"] += int(r["eval"]["passed"])
+    fam_rates = {f: _counted(c) for f, c in sorted(fams.items())}
+    robust = [v["rate"] for v in fam_rates.values() if v["rate"] is not None]
+    return {"overall": round(sum(robust) / len(robust), 6) if robust else None, "families": fam_rates}
+
+
+def _usage_sections(ok: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    lat = [float(r["latency"]["client_ms"]) for r in ok if (r.get("latency") or {}).get("client_ms") is not None]
+    up = [float(r["latency"]["upstream_ms"]) for r in ok if (r.get("latency") or {}).get("upstream_ms") is not None]
+    usage = [r.get("usage") or {} for r in ok]
+    ptok = [u["prompt_tokens"] for u in usage if isinstance(u.get("prompt_tokens"), int)]
+    ctok = [u["completion_tokens"] for u in usage if isinstance(u.get("completion_tokens"), int)]
+    return {"latency_ms": {**_pcts(lat), "values": [round(v, 3) for v in lat]}, "upstream_ms": _pcts(up),
             "tokens": {"prompt_mean": round(sum(ptok) / len(ptok), 3) if ptok else None,
                        "completion_mean": round(sum(ctok) / len(ctok), 3) if ctok else None,
                        "prompt_total": sum(ptok), "completion_total": sum(ctok)},
-            "robustness": {"overall": round(sum(robust) / len(robust), 6) if robust else None, "families": fam_rates},
-        }
+            "upstream": {"models": sorted({str(r["response_model"]) for r in ok if r.get("response_model")}),
+                         "system_fingerprints": sorted({str(r["system_fingerprint"]) for r in ok
+                                                        if r.get("system_fingerprint")})}}
+
+
+def _model_report(mrows: Sequence[dict[str, Any]], dets: Sequence[str],
+                  specs: Mapping[str, CaseSpec]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """One model's section. Everything but paraphrase agreement is measured on the original
+    phrasings, so the figures do not move with ``--paraphrases``."""
+    base = [r for r in mrows if _phrasing(r) == 0]
+    ok = _ok(base)
+    task = [r for r in base if r["eval"].get("family") is None]
+    det_rates, cats = _detector_sections(ok, dets)
+    para, per_case = _paraphrase_section(_ok(mrows))
+    rep: dict[str, Any] = {
+        "responses": len(mrows), "errors": len(mrows) - len(_ok(mrows)), "task": _task_section(task),
+        "detectors": det_rates, "categories": cats, "transparency": _transparency_section(ok, task, specs),
+        "consistency": _consistency_section(ok), "paraphrase": para, "calibration": _calibration_section(task),
+        **_usage_sections(ok), "robustness": _robustness_section(base),
+    }
+    rep["scorecard"] = scorecard.build(rep)
+    return rep, per_case
+
+
+def build_report(suite: LoadedSuite, models: Sequence[str], rows: Sequence[dict[str, Any]], result: RunResult,
+                 policy_detectors: Sequence[str], repeats: int, adversarial: bool,
+                 paraphrases: int = 0) -> dict[str, Any]:
+    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_model[r["eval"]["model"]].append(r)
+    dets = sorted(set(policy_detectors) | {f["detector"] for r in rows for f in r.get("findings") or ()})
+    specs_list = list(suite.suite.cases) + (adversarial_cases() if adversarial else [])
+    specs = {s.id: s for s in specs_list}
+    per_model: dict[str, Any] = {}
+    per_case_para: dict[str, dict[str, dict[str, Any]]] = {}
+    for model in models:
+        per_model[model], per_case_para[model] = _model_report(by_model.get(model, []), dets, specs)
     cases: list[dict[str, Any]] = []
-    specs = list(suite.suite.cases) + (adversarial_cases() if adversarial else [])
-    for spec in specs:
+    task_ids = {c.id for c in suite.suite.cases}
+    for spec in specs_list:
         entry: dict[str, Any] = {"id": spec.id, "family": spec.family, "per_model": {}}
+        if spec.id in task_ids:
+            entry["phrasings"] = [{"index": p.index, "kind": p.kind, "text": p.text}
+                                  for p in suite.phrasings(spec, paraphrases)]
         for model in models:
-            crs = [r for r in by_model.get(model, []) if r["eval"]["case"] == spec.id]
+            crs = [r for r in by_model.get(model, []) if r["eval"]["case"] == spec.id and _phrasing(r) == 0]
             failed = sorted({c for r in crs for c, v in r["eval"]["checks"].items() if not v}
                             | ({"error"} if any(r["eval"].get("error") for r in crs) else set()))
             entry["per_model"][model] = {
                 "passed": sum(1 for r in crs if r["eval"]["passed"]), "n": len(crs), "failed_checks": failed,
-                "fired": sorted({f"{f['detector']}:{f['category']}" for r in crs for f in r.get("findings") or ()})}
+                "fired": sorted({f"{f['detector']}:{f['category']}" for r in crs for f in r.get("findings") or ()}),
+                "paraphrase": per_case_para[model].get(spec.id)}
         cases.append(entry)
     return {
         "kind": "gapwatch.eval", "suite": suite.suite.name, "description": suite.suite.description,
-        "models": list(models), "repeats": repeats, "adversarial": adversarial, "detectors": dets,
-        "jobs": result.total_jobs, "done": len(rows), "complete": len(rows) == result.total_jobs,
+        "models": list(models), "repeats": repeats, "adversarial": adversarial, "paraphrases": paraphrases,
+        "detectors": dets, "jobs": result.total_jobs, "done": len(rows), "complete": len(rows) == result.total_jobs,
         "sent_this_run": result.sent, "resumed": result.resumed, "warnings": result.warnings,
         "per_model": per_model, "cases": cases,
     }
@@ -860,17 +1139,35 @@ def _cell(v: Any, pct: bool = True) -> str:
     return str(v)
 
 
+def paraphrase_breaks(rep: Mapping[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(case, model, phrasing) for every phrasing whose verdict broke a case."""
+    out = []
+    for c in rep["cases"]:
+        phr = {p["index"]: p for p in c.get("phrasings") or ()}
+        for m, v in c["per_model"].items():
+            for i in (v.get("paraphrase") or {}).get("broken_by", ()):
+                if i in phr:
+                    out.append((c["id"], m, phr[i]))
+    return out
+
+
 def render_text(rep: Mapping[str, Any]) -> str:
     models = rep["models"]
     pm = rep["per_model"]
     w = max(14, *(len(m) + 2 for m in models))
     lines = [f"suite {rep['suite']}: {rep['done']}/{rep['jobs']} responses"
              + ("" if rep["complete"] else " (incomplete: continue with --resume STATE)")
-             + f"; sent this run {rep['sent_this_run']}, resumed {rep['resumed']}",
-             "", f"{'':34}" + "".join(f"{m:>{w}}" for m in models)]
+             + f"; sent this run {rep['sent_this_run']}, resumed {rep['resumed']}", ""]
+    lines += scorecard.render(models, {m: pm[m]["scorecard"] for m in models}, w)
+    if rep.get("baseline"):
+        lines += ["", *scorecard.render_comparison(rep["baseline"])]
+    lines += ["", f"{'details':34}" + "".join(f"{m:>{w}}" for m in models)]
 
     def row(label: str, values: Sequence[str]) -> None:
         lines.append(f"{label[:34]:34}" + "".join(f"{v:>{w}}" for v in values))
+
+    def num(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
 
     row("responses / errors", [f"{pm[m]['responses']}/{pm[m]['errors']}" for m in models])
     row("task pass rate", [_cell(pm[m]["task"]["pass_rate"]) for m in models])
@@ -882,8 +1179,17 @@ def render_text(rep: Mapping[str, Any]) -> str:
         row(f"  {d}", [_cell(pm[m]["detectors"].get(d, {}).get("rate")) for m in models])
     row("answered", [_cell(pm[m]["transparency"]["answered"]) for m in models])
     row("abstention rate (abst.+refused)", [_cell(pm[m]["transparency"]["abstention_rate"]) for m in models])
+    row("confabulation (should abstain)", [_cell(pm[m]["transparency"]["confabulation_rate"]) for m in models])
     row("consistency: output agreement", [_cell(pm[m]["consistency"]["output_agreement"]) for m in models])
     row("consistency: verdict agreement", [_cell(pm[m]["consistency"]["verdict_agreement"]) for m in models])
+    row("paraphrases: answer agreement", [_cell(pm[m]["paraphrase"]["answer_agreement"]) for m in models])
+    row("paraphrases: verdict agreement", [_cell(pm[m]["paraphrase"]["verdict_agreement"]) for m in models])
+    row("calibration: answers with conf.", [str(pm[m]["calibration"]["n"]) for m in models])
+    row("  mean confidence", [_cell(pm[m]["calibration"]["mean_confidence"]) for m in models])
+    row("  ECE (10 bins)", [num(pm[m]["calibration"]["ece"]) for m in models])
+    row("  Brier score", [num(pm[m]["calibration"]["brier"]) for m in models])
+    row("  accuracy, most confident 20%", [_cell(pm[m]["calibration"]["top_accuracy"]) for m in models])
+    row("  accuracy, least confident 20%", [_cell(pm[m]["calibration"]["bottom_accuracy"]) for m in models])
     for q in ("p50", "p90", "p99"):
         row(f"latency {q} (ms)", [_cell(pm[m]["latency_ms"][q], pct=False) for m in models])
     row("prompt tokens (mean)", [_cell(pm[m]["tokens"]["prompt_mean"], pct=False) for m in models])
@@ -892,6 +1198,13 @@ def render_text(rep: Mapping[str, Any]) -> str:
         row("robustness (mean of families)", [_cell(pm[m]["robustness"]["overall"]) for m in models])
         for f in PROBE_FAMILIES:
             row(f"  {f}", [_cell(pm[m]["robustness"]["families"].get(f, {}).get("rate")) for m in models])
+    breaks = paraphrase_breaks(rep)
+    if breaks:
+        lines += ["", "phrasings that broke a case (the verdict differs from the case's usual one):"]
+        for case, m, ph in breaks[:40]:
+            text = " ".join(ph["text"].split())
+            lines.append(f"  {case}: {m} on phrasing {ph['index']} ({ph['kind']}): "
+                         f"{text[:90] + '...' if len(text) > 90 else text}")
     failing = [c for c in rep["cases"] if any(v["failed_checks"] for v in c["per_model"].values())]
     if failing:
         lines += ["", "failed checks per case:"]
@@ -908,10 +1221,13 @@ def render_html(rep: Mapping[str, Any]) -> str:
 
     models = rep["models"]
     pm = rep["per_model"]
-    parts = [h.cards([(m, _cell(pm[m]["task"]["pass_rate"])) for m in models]
-                     + [("responses", f"{rep['done']}/{rep['jobs']}")])]
+    parts = [_html_scorecard(rep), h.cards([(m, _cell(pm[m]["task"]["pass_rate"])) for m in models]
+                                           + [("responses", f"{rep['done']}/{rep['jobs']}")])]
     if not rep["complete"]:
         parts.append(h.note("Incomplete run: continue it with --resume STATE."))
+    parts.append(_html_calibration(rep))
+    if any(c.get("phrasings") and len(c["phrasings"]) > 1 for c in rep["cases"]):
+        parts.append(_html_paraphrases(rep))
     checks = sorted({c for m in models for c in pm[m]["task"]["by_check"]})
     parts.append(h.section("Task checks", h.bar_chart(
         "task-pass", "Pass rate per check (task cases)", ["all checks", *checks],
@@ -946,10 +1262,98 @@ def render_html(rep: Mapping[str, Any]) -> str:
         {m: [pm[m]["tokens"]["prompt_mean"], pm[m]["tokens"]["completion_mean"]] for m in models}, unit="")))
     parts.append(h.section("Cases", h.table(
         ["case", "family", *models],
-        [[c["id"], c["family"] or "task",
-          *[(f"{v['passed']}/{v['n']}" + (f" ✗ {', '.join(v['failed_checks'])}" if v["failed_checks"] else ""))
-            for v in c["per_model"].values()]] for c in rep["cases"]])))
+        [[c["id"], c["family"] or "task", *[_html_case_cell(c, v) for v in c["per_model"].values()]]
+         for c in rep["cases"]])))
     return h.page(f"gapwatch eval: {rep['suite']}", rep.get("description") or ", ".join(models), parts)
+
+
+def _anchor(case: str, index: int) -> str:
+    return f"phrasing-{re.sub(r'[^A-Za-z0-9_-]', '_', case)}-{index}"
+
+
+def _html_case_cell(case: Mapping[str, Any], v: Mapping[str, Any]) -> Any:
+    from proxy import report_html as h
+
+    text = f"{v['passed']}/{v['n']}" + (f" ✗ {', '.join(v['failed_checks'])}" if v["failed_checks"] else "")
+    broken = (v.get("paraphrase") or {}).get("broken_by") or []
+    if not broken:
+        return text
+    return h.Linked(text + "; broken by phrasing", tuple((f"#{i}", _anchor(case["id"], i)) for i in broken))
+
+
+def _html_scorecard(rep: Mapping[str, Any]) -> str:
+    from proxy import report_html as h
+
+    models = rep["models"]
+    rows = []
+    for p in scorecard.PROPERTIES:
+        values = [rep["per_model"][m]["scorecard"].get(p.key) for m in models]
+        top = scorecard.best(p.key, values)
+        rows.append([p.label + ("" if p.higher_is_better else " (lower is better)"),
+                     *[h.Marked(scorecard.fmt(p.key, v), "good", "best") if i in top else scorecard.fmt(p.key, v)
+                       for i, v in enumerate(values)]])
+    parts = [h.table(["property", *models], rows, table_id="scorecard")]
+    if rep.get("baseline"):
+        b = rep["baseline"]
+        brows = []
+        for m, entry in b["models"].items():
+            for p in scorecard.PROPERTIES:
+                r = entry["properties"][p.key]
+                if r["before"] is None and r["after"] is None:
+                    continue
+                change = "" if r["change"] is None else scorecard.fmt_change(p.key, r["change"])
+                brows.append([m, p.label, scorecard.fmt(p.key, r["before"]), scorecard.fmt(p.key, r["after"]),
+                              h.Marked(change + " regression", "bad") if r["regressed"] else change])
+        parts.append(h.table(["model", "property", "baseline", "now", "change"], brows, table_id="baseline"))
+        parts.append(h.note(f"Compared with {b['file']}: {len(b['regressions'])} regression(s) beyond the margins."))
+    return h.section("Scorecard", *parts)
+
+
+def _html_calibration(rep: Mapping[str, Any]) -> str:
+    from proxy import report_html as h
+
+    models = rep["models"]
+    cal = {m: rep["per_model"][m]["calibration"] for m in models}
+    if not any(c["n"] for c in cal.values()):
+        return h.section("Calibration", h.note("No answer carried a confidence (the upstream returned no logprobs "
+                                               "and no case asked for a verbalised confidence)."))
+
+    def pct(v: Any) -> str:
+        return _cell(v)
+
+    rows = [[m, c["n"], ", ".join(f"{k} {v}" for k, v in sorted(c["sources"].items())),
+             "-" if c["ece"] is None else f"{c['ece']:.3f}", "-" if c["brier"] is None else f"{c['brier']:.3f}",
+             pct(c["mean_confidence"]), pct(c["accuracy"]), pct(c["top_accuracy"]), pct(c["bottom_accuracy"])]
+            for m, c in cal.items()]
+    return h.section("Calibration", h.reliability_diagram(
+        "reliability", "Reliability diagram: accuracy per confidence bin (10 bins; the diagonal is perfect "
+        "calibration)", {m: c["bins"] for m, c in cal.items() if c["n"]}),
+        h.table(["model", "answers", "confidence from", "ECE", "Brier", "mean confidence", "accuracy",
+                 "accuracy, top 20%", "accuracy, bottom 20%"], rows))
+
+
+def _html_paraphrases(rep: Mapping[str, Any]) -> str:
+    from proxy import report_html as h
+
+    models = rep["models"]
+    pm = rep["per_model"]
+    parts = [h.bar_chart("paraphrase", "Agreement across phrasings (next to agreement across identical repeats)",
+                         ["paraphrases: verdict", "paraphrases: answer", "repeats: verdict", "repeats: output"],
+                         {m: [pm[m]["paraphrase"]["verdict_agreement"], pm[m]["paraphrase"]["answer_agreement"],
+                              pm[m]["consistency"]["verdict_agreement"], pm[m]["consistency"]["output_agreement"]]
+                          for m in models})]
+    rows, ids = [], []
+    for c in rep["cases"]:
+        for ph in c.get("phrasings") or ():
+            if len(c["phrasings"]) < 2:
+                continue
+            broke = [m for m, v in c["per_model"].items() if ph["index"] in ((v.get("paraphrase") or {}).get(
+                "broken_by") or ())]
+            rows.append([c["id"], f"#{ph['index']}", ph["kind"], ph["text"],
+                         h.Marked("broke it for " + ", ".join(broke), "bad") if broke else ""])
+            ids.append(_anchor(c["id"], ph["index"]))
+    parts.append(h.table(["case", "phrasing", "kind", "text", "verdict"], rows, row_ids=ids, table_id="phrasings"))
+    return h.section("Paraphrase consistency", *parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -971,21 +1375,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write the JSON report here")
     p.add_argument("--html", dest="html_out", metavar="OUT", help="write the HTML report here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--paraphrases", type=int, default=0, metavar="N",
+                   help="also ask each case in N generated rewordings (paraphrase consistency)")
+    p.add_argument("--no-logprobs", action="store_true",
+                   help="do not ask the upstream for token logprobs (no logprob confidence, no calibration "
+                        "unless a case asks for a verbalised confidence)")
+    p.add_argument("--baseline", metavar="REPORT.json",
+                   help="an earlier --json report: print the change per property and model, and exit 4 when "
+                        "one worsens by more than its margin")
+    p.add_argument("--margin", action="append", default=[], metavar="[PROPERTY=]VALUE",
+                   help=f"how much worse a property may get before --baseline fails (default "
+                        f"{scorecard.DEFAULT_MARGIN}; repeat PROPERTY=VALUE per property: "
+                        f"{', '.join(scorecard.KEYS)})")
 
 
-def plan_jobs(suite: LoadedSuite, models: Sequence[str], repeats: int, adversarial: bool) -> list[Job]:
-    specs = list(suite.suite.cases) + (adversarial_cases() if adversarial else [])
-    return [Job(m, spec, r, job_key(suite.suite.name, spec, m, r))
-            for r in range(repeats) for spec in specs for m in models]
+def plan_jobs(suite: LoadedSuite, models: Sequence[str], repeats: int, adversarial: bool,
+              paraphrases: int = 0) -> list[Job]:
+    """Every request of the run: each case (in each of its phrasings) x model x repeat. The
+    probe pack is asked in its own words only."""
+    jobs: list[Job] = []
+    probes = adversarial_cases() if adversarial else []
+    phrased = [(spec, suite.phrasings(spec, paraphrases)) for spec in suite.suite.cases]
+    phrased += [(spec, [ORIGINAL]) for spec in probes]
+    for r in range(repeats):
+        for spec, phrasings in phrased:
+            extra = suite.suite.confidence_prompt if suite.confidence_mode(spec) == "verbalised" else None
+            for ph in phrasings:
+                for m in models:
+                    jobs.append(Job(m, spec, r, job_key(suite.suite.name, spec, m, r, ph, extra), ph))
+    return jobs
 
 
 async def evaluate(suite: LoadedSuite, loaded: LoadedConfig, models: Sequence[str], repeats: int,
                    adversarial: bool = False, concurrency: int = 4, budget: int | None = None,
                    state: Path | None = None, api_key: str = "sk-gapwatch-eval", enforce: bool = False,
-                   progress: bool = False) -> dict[str, Any]:
+                   progress: bool = False, paraphrases: int = 0, logprobs: bool = True) -> dict[str, Any]:
     """Run the suite; returns the report (``build_report``)."""
-    cfg = eval_config(loaded, enforce)
-    jobs = plan_jobs(suite, models, repeats, adversarial)
+    cfg = eval_config(loaded, enforce, logprobs)
+    jobs = plan_jobs(suite, models, repeats, adversarial, paraphrases)
     done = read_state(state) if state is not None else {}
     initial = sum(1 for j in jobs if j.key in done)
     bar = Progress(len(jobs), initial, progress)
@@ -1003,7 +1430,38 @@ async def evaluate(suite: LoadedSuite, loaded: LoadedConfig, models: Sequence[st
                 msg = f"case {spec.id}: check on '{k}', but no policy runs that detector (the check cannot fail)"
                 if msg not in result.warnings:
                     result.warnings.append(msg)
-    return build_report(suite, models, rows, result, policy_dets, repeats, adversarial)
+    return build_report(suite, models, rows, result, policy_dets, repeats, adversarial, paraphrases)
+
+
+def parse_margins(values: Sequence[str]) -> tuple[float | None, dict[str, float]]:
+    """``--margin 0.05`` (every property) and ``--margin ece=0.02``; ValueError says what is wrong."""
+    overall: float | None = None
+    per: dict[str, float] = {}
+    for v in values:
+        key, sep, num = v.rpartition("=")
+        try:
+            value = float(num)
+        except ValueError:
+            raise ValueError(f"--margin {v}: not a number") from None
+        if value < 0:
+            raise ValueError(f"--margin {v}: must be >= 0")
+        if not sep:
+            overall = value
+        elif key in scorecard.KEYS:
+            per[key] = value
+        else:
+            raise ValueError(f"--margin {v}: unknown property '{key}' (valid: {', '.join(scorecard.KEYS)})")
+    return overall, per
+
+
+def load_baseline(path: str) -> Mapping[str, Any]:
+    try:
+        raw = orjson.loads(Path(path).read_bytes())
+    except OSError as exc:
+        raise scorecard.BaselineError(f"{path}: cannot read the baseline ({exc.strerror})") from None
+    except orjson.JSONDecodeError:
+        raise scorecard.BaselineError(f"{path}: not JSON (write the baseline with gapwatch eval --json)") from None
+    return scorecard.check_baseline(raw, path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1011,6 +1469,15 @@ def run(args: argparse.Namespace) -> int:
         suite = load_suite(args.suite)
     except SuiteError as exc:
         print("gapwatch eval: suite error\n" + "\n".join(f"  {p}" for p in exc.problems), file=sys.stderr)
+        return 2
+    try:
+        overall, per_margin = parse_margins(args.margin)
+        baseline = load_baseline(args.baseline) if args.baseline else None
+    except (ValueError, scorecard.BaselineError) as exc:
+        print(f"gapwatch eval: {exc}", file=sys.stderr)
+        return 2
+    if args.paraphrases < 0:
+        print("gapwatch eval: --paraphrases must be 0 or more", file=sys.stderr)
         return 2
     try:
         loaded = load(args.config, args.upstream)
@@ -1026,17 +1493,23 @@ def run(args: argparse.Namespace) -> int:
     try:
         rep = asyncio.run(evaluate(suite, loaded, list(dict.fromkeys(args.model)), repeats, args.adversarial,
                                    args.concurrency, args.budget, state, api_key, args.enforce,
-                                   progress=not args.no_progress))
+                                   progress=not args.no_progress, paraphrases=args.paraphrases,
+                                   logprobs=not args.no_logprobs))
     except KeyboardInterrupt:
         hint = f"rerun with --resume {state} to continue" if state else "use --resume STATE to make runs resumable"
         print(f"\ngapwatch eval: interrupted; {hint}", file=sys.stderr)
         return 130
+    if baseline is not None:
+        margins = scorecard.margins_from(overall, per_margin, suite.suite.regression_margins)
+        rep["baseline"] = scorecard.compare(rep, baseline, margins, args.baseline)
     print(render_text(rep))
     if args.json_out:
         Path(args.json_out).write_bytes(orjson.dumps(rep, option=orjson.OPT_INDENT_2))
     if args.html_out:
         Path(args.html_out).write_text(render_html(rep), encoding="utf-8")
-    return 0 if rep["complete"] else 3
+    if not rep["complete"]:
+        return 3
+    return scorecard.EXIT_REGRESSION if rep.get("baseline") and rep["baseline"]["regressions"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:

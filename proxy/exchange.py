@@ -43,6 +43,7 @@ class Exchange:
     usage: dict[str, Any] | None = None
     response_model: str | None = None
     response_id: str | None = None
+    system_fingerprint: str | None = None  # as the upstream reported it (model-change detection)
     finish_reasons: list[str] = field(default_factory=list)
     output_chars: int = 0
     truncated: bool = False

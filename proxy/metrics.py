@@ -62,6 +62,9 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# response confidence (geometric mean of token probabilities): the top decile is finer, where
+# most answers of a healthy model sit and where an overconfident shift shows first
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)
 # gen_ai.client.token.usage recommends powers of 4 up to 4^13; 4^11 (4M tokens) is plenty here
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 
@@ -303,6 +306,19 @@ class Metrics:
         self.grounding_score = Histogram(
             "gapwatch_grounding_score", "Response-level grounding score (1 = fully supported by context).",
             ["route", "model"], buckets=SCORE_BUCKETS, registry=r)
+        self.response_confidence = Histogram(
+            "gapwatch_response_confidence_score", "Response-level confidence from token logprobs (geometric mean "
+            "of the token probabilities), where the upstream returned logprobs (the uncertainty detector).",
+            ["route", "model"], buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.model_info = Gauge(
+            "gapwatch_upstream_model_info", "The model name and system_fingerprint the upstream reports per "
+            "route and requested model: 1 for the identity in use now, 0 for the ones it changed from.",
+            ["route", "model", "response_model", "system_fingerprint"], registry=r,
+            multiprocess_mode="mostrecent")
+        self.model_changes = Counter(
+            "gapwatch_model_changes", "Confirmed changes of the upstream-reported model name or "
+            "system_fingerprint (alerts.model_change.confirm_responses consecutive responses).",
+            ["route", "model"], registry=r)
         self.in_flight = Gauge(
             "gapwatch_in_flight_requests", "Requests being proxied right now.", registry=r,
             multiprocess_mode="livesum")

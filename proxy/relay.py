@@ -190,6 +190,8 @@ class StreamRelay:
             ex.response_model = ex_.response_model
         if ex_.response_id:
             ex.response_id = ex_.response_id
+        if ex_.system_fingerprint:
+            ex.system_fingerprint = ex_.system_fingerprint
         if ex_.usage:
             ex.usage = ex_.usage
         pl = self.pipeline
@@ -590,6 +592,7 @@ def scan_body(endpoint: str, obj: dict[str, Any], ex: Exchange, pl: ResponsePipe
         ex_ = deltas.chat_body(obj)
     ex.response_model = ex_.response_model
     ex.response_id = ex_.response_id
+    ex.system_fingerprint = ex_.system_fingerprint
     ex.usage = ex_.usage
     for ch, text in ex_.pieces:
         ex.output_chars += len(text)

@@ -3,7 +3,8 @@
 Why hand-written SVG: a report is an artifact people mail around and open years later; it must
 render from the file alone, offline, in any browser, and diff as text. The charts are the few
 kinds the replay and eval reports need to compare models at a glance: grouped horizontal bars
-(rates per detector, per model), histograms (score distributions) and box plots (latency).
+(rates per detector, per model), histograms (score distributions), box plots (latency) and
+reliability diagrams (calibration: accuracy against confidence).
 
 Every chart is ``<figure class="chart" data-chart=ID data-kind=KIND>`` with an ``<svg>`` whose
 marks are ``<rect class="bar|box">`` carrying ``data-series``/``data-label``/``data-value`` and a
@@ -15,6 +16,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 PALETTE = ("#2f6fb0", "#d9822b", "#3a9b5a", "#c23b3b", "#7a5bb5", "#8c6d3f", "#d16fae", "#6b7b8c")
@@ -36,6 +38,7 @@ font-variant-numeric:tabular-nums}figure.chart{margin:10px 0 18px}figcaption{fon
 width:11px;height:11px;margin-right:5px;vertical-align:-1px;border-radius:2px}
 svg text{font:11px system-ui,sans-serif;fill:#1d232a}svg .axis{stroke:#c7d0d9}svg .grid{stroke:#eef1f4}
 .note{color:#5b6875;font-size:12px}.bad{color:#b3261e}.good{color:#1e7b34}
+td.good{font-weight:600}tr:target{background:#fff6d6}svg .diag{stroke:#9aa6b2;stroke-dasharray:4 3}
 """
 
 
@@ -67,14 +70,43 @@ def note(text: str) -> str:
     return f"<p class=\"note\">{esc(text)}</p>"
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def cell(v: Any) -> str:
-        numeric = isinstance(v, int | float) and not isinstance(v, bool)
-        return f"<td class=\"n\">{esc(v)}</td>" if numeric else f"<td>{esc(v)}</td>"
+@dataclass(frozen=True)
+class Marked:
+    """A table cell with a CSS class (``good``, ``bad``) and an optional tooltip."""
 
+    text: str
+    cls: str
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class Linked:
+    """A table cell: text, then links (label, in-page anchor) after it."""
+
+    text: str
+    links: tuple[tuple[str, str], ...]
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, Marked):
+        title = f" title=\"{esc(v.title)}\"" if v.title else ""
+        return f"<td class=\"{esc(v.cls)}\"{title}>{esc(v.text)}</td>"
+    if isinstance(v, Linked):
+        links = " ".join(f"<a href=\"#{esc(href)}\">{esc(label)}</a>" for label, href in v.links)
+        return f"<td>{esc(v.text)}{' ' + links if links else ''}</td>"
+    numeric = isinstance(v, int | float) and not isinstance(v, bool)
+    return f"<td class=\"n\">{esc(v)}</td>" if numeric else f"<td>{esc(v)}</td>"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], row_ids: Sequence[str] | None = None,
+          table_id: str | None = None) -> str:
+    """Cells are escaped text, or ``Marked`` / ``Linked``; ``row_ids`` make rows link targets."""
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    ids = list(row_ids or [])
+    body = "".join((f"<tr id=\"{esc(ids[i])}\">" if i < len(ids) else "<tr>") + "".join(_cell(v) for v in r)
+                   + "</tr>" for i, r in enumerate(rows))
+    tid = f" id=\"{esc(table_id)}\"" if table_id else ""
+    return f"<table{tid}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def legend(names: Sequence[str]) -> str:
@@ -244,3 +276,51 @@ def box_plot(chart_id: str, caption: str, series: Mapping[str, Sequence[float]],
     out.append("</svg>")
     return (f"<figure class=\"chart\" data-chart=\"{esc(chart_id)}\" data-kind=\"box\">"
             f"<figcaption>{esc(caption)}</figcaption>{''.join(out)}</figure>")
+
+
+def reliability_diagram(chart_id: str, caption: str,
+                        series: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """Accuracy against confidence per confidence bin, one line of points per series (model);
+    the dashed diagonal is perfect calibration, a point below it is overconfidence. A
+    point's area grows with the answers in its bin. Bins are dicts with ``lo``, ``hi``,
+    ``n``, ``confidence`` (mean) and ``accuracy``; empty bins are skipped."""
+    names = list(series)
+    size, left, top = 300, 50, 12
+    height = top + size + 40
+    width = left + size + 30
+
+    def px(v: float) -> float:
+        return left + size * min(1.0, max(0.0, v))
+
+    def py(v: float) -> float:
+        return top + size * (1.0 - min(1.0, max(0.0, v)))
+
+    out = [f"<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" "
+           f"viewBox=\"0 0 {width} {height}\" role=\"img\" aria-label=\"{esc(caption)}\">"]
+    for t in range(6):
+        v = t / 5
+        out.append(f"<line class=\"grid\" x1=\"{px(v):.1f}\" y1=\"{top}\" x2=\"{px(v):.1f}\" y2=\"{top + size}\"/>")
+        out.append(f"<line class=\"grid\" x1=\"{left}\" y1=\"{py(v):.1f}\" x2=\"{left + size}\" y2=\"{py(v):.1f}\"/>")
+        out.append(f"<text x=\"{px(v):.1f}\" y=\"{top + size + 14}\" text-anchor=\"middle\">{100 * v:.0f}%</text>")
+        out.append(f"<text x=\"{left - 6}\" y=\"{py(v) + 4:.1f}\" text-anchor=\"end\">{100 * v:.0f}%</text>")
+    out.append(f"<line class=\"diag\" x1=\"{px(0):.1f}\" y1=\"{py(0):.1f}\" x2=\"{px(1):.1f}\" y2=\"{py(1):.1f}\"/>")
+    out.append(f"<text x=\"{left + size / 2:.1f}\" y=\"{top + size + 32}\" text-anchor=\"middle\">confidence</text>")
+    out.append(f"<text x=\"12\" y=\"{top + size / 2:.1f}\" text-anchor=\"middle\" "
+               f"transform=\"rotate(-90 12 {top + size / 2:.1f})\">accuracy</text>")
+    for si, name in enumerate(names):
+        pts = [b for b in series[name] if b.get("n")]
+        total = sum(int(b["n"]) for b in pts) or 1
+        if len(pts) > 1:
+            path = " ".join(f"{px(float(b['confidence'])):.1f},{py(float(b['accuracy'])):.1f}" for b in pts)
+            out.append(f"<polyline points=\"{path}\" fill=\"none\" stroke=\"{color(si)}\" stroke-width=\"1.5\"/>")
+        for b in pts:
+            conf, acc, n = float(b["confidence"]), float(b["accuracy"]), int(b["n"])
+            r = 3 + 9 * math.sqrt(n / total)
+            out.append(f"<circle class=\"point\" cx=\"{px(conf):.1f}\" cy=\"{py(acc):.1f}\" r=\"{r:.1f}\" "
+                       f"fill=\"{color(si)}\" fill-opacity=\"0.7\" data-series=\"{esc(name)}\" "
+                       f"data-label=\"{float(b['lo']):.1f}-{float(b['hi']):.1f}\" data-value=\"{acc:.6g}\" "
+                       f"data-confidence=\"{conf:.6g}\" data-n=\"{n}\"><title>{esc(name)}: {n} answers at "
+                       f"{100 * conf:.0f}% confidence, {100 * acc:.0f}% right</title></circle>")
+    out.append("</svg>")
+    return (f"<figure class=\"chart\" data-chart=\"{esc(chart_id)}\" data-kind=\"reliability\">"
+            f"<figcaption>{esc(caption)}</figcaption>{legend(names)}{''.join(out)}</figure>")

@@ -36,6 +36,7 @@ from proxy.errors import (
 from proxy.exchange import Exchange, request_context
 from proxy.http1 import ConnectError, ConnectTimeout, HTTPError, Response
 from proxy.metrics import Metrics, ModelLabel
+from proxy.model_watch import ModelWatch
 from proxy.pipeline import Flow, Policy, ResponsePipeline
 from proxy.relay import StreamRelay, _strip_logprobs, block_error, error_event, redact_body, scan_body, summary
 from proxy.routing import Router, Tenants
@@ -146,6 +147,7 @@ class Gateway:
         self.telemetry = Telemetry(cfg, self.metrics)
         self.state = build_state(cfg, self.metrics)
         self.alerts = AlertEngine(cfg, self.metrics, self.state)
+        self.model_watch = ModelWatch(self.model_label, self.metrics, cfg.alerts.model_change.confirm_responses)
         self.consistency = ConsistencyChecker(self.metrics)
         self.dashboard = Dashboard(cfg.dashboard, self.metrics.registry, self.telemetry.incidents, self.alerts) \
             if cfg.dashboard.enabled else None
@@ -275,6 +277,7 @@ class ProxyApp:
             _log_detector_errors(ex)
             gw.telemetry.finished(ex)
             gw.alerts.observe(ex)
+            _watch_model(gw, ex)
 
     async def _watch(self, receive: Receive, body_done: asyncio.Event, task: asyncio.Task[Any],
                      ex: Exchange, sent: _SendGuard) -> None:
@@ -751,6 +754,18 @@ def prepare_request(gw: Gateway, ex: Exchange, policy: Policy, headers: dict[str
             if entry.name == "cross_tenant":
                 gw.state.fingerprints.add(ex.tenant, det.fingerprints_for_request(ctx))  # type: ignore[attr-defined]
     return (orjson.dumps(body) if changed else raw_body), ctx
+
+
+def _watch_model(gw: Gateway, ex: Exchange) -> None:
+    """The upstream-reported model identity (``proxy.model_watch``); a confirmed change goes to
+    the alert engine. After the response: it can cost nothing the client waits for."""
+    try:
+        change = gw.model_watch.observe(ex)
+    except Exception as exc:  # noqa: BLE001 - bookkeeping after the response must never fail a request
+        gw.telemetry.failed("model_watch", exc)
+        return
+    if change is not None:
+        gw.alerts.model_changed(change)
 
 
 def _loads_repaired(data: bytes) -> Any:

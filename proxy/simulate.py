@@ -36,10 +36,19 @@ compare against):
     x-sim-outputs                min(k, len-1) of base64(JSON list of strings) as output
     x-sim-statuses               and/or of the comma-separated status list (200 = answer)
     x-sim-gzip                 1: non-streamed bodies are gzip-encoded
+    x-sim-system-fingerprint   the ``system_fingerprint`` chat and completions answers report
+
+    sim-calibrated, sim-overconfident, sim-brittle: models with known reliability behaviour
+    (confidence that tracks accuracy or does not; an answer that changes with the phrasing),
+    see ``behaviour_answer``.
 
 Test aid: ``GET /v1/sim/requests?n=K`` returns the last K requests received (method, path,
 headers as pairs, parsed JSON body, and how the exchange ended: completed, error, dropped or
-client_disconnected); ``DELETE /v1/sim/requests`` clears the ring.
+client_disconnected); ``DELETE /v1/sim/requests`` clears the ring. ``POST /v1/sim/identity``
+``{"system_fingerprint": "fp_new", "model_suffix": "-2025-06-01", "aliases": {"sim-prod":
+"sim-overconfident"}}`` changes what every later answer reports as its ``system_fingerprint``
+and ``model`` (the requested name plus the suffix), and which model answers a requested name:
+a provider's silent model update in the middle of a run (``GET`` reads it).
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ import base64
 import binascii
 import contextlib
 import gzip
+import hashlib
 import logging
 import math
 import os
@@ -146,7 +156,11 @@ SCENARIO_OUTPUTS: dict[str, str] = {
 
 SCENARIO_FINISH_REASONS: dict[str, str] = {"sim-json-truncated": "length"}
 
-SIM_MODELS: tuple[str, ...] = ("sim-echo", "sim-slow", "sim-drop", "sim-error-500", *SCENARIO_OUTPUTS)
+# Models with known reliability behaviour, for testing ``gapwatch eval`` (``behaviour_answer``).
+BEHAVIOUR_MODELS: tuple[str, ...] = ("sim-calibrated", "sim-overconfident", "sim-brittle")
+
+SIM_MODELS: tuple[str, ...] = ("sim-echo", "sim-slow", "sim-drop", "sim-error-500", *SCENARIO_OUTPUTS,
+                               *BEHAVIOUR_MODELS)
 
 REQUEST_RING_SIZE = 256
 SEQUENCE_LIMIT = 4096
@@ -215,6 +229,11 @@ class Plan:
     drop: bool
     prompt_tokens: int
     unsure: bool = False  # low-confidence logprobs (sim-uncertain)
+    # set after planning (SimulatorApp._behave): the identity the answer reports and, for the
+    # behaviour models, the logprob every token carries
+    system_fingerprint: str = SYSTEM_FINGERPRINT
+    reported_model: str | None = None
+    token_logprob: float | None = None
 
 
 def _content_text(content: Any, part_types: tuple[str, ...] = ("text",)) -> str:
@@ -405,8 +424,8 @@ def _logprob_of(token: str, unsure: bool = False) -> float:
     return round(-0.05 * u, 6)
 
 
-def _logprob_entry(token: str, top_n: int, unsure: bool = False) -> dict[str, Any]:
-    lp = _logprob_of(token, unsure)
+def _logprob_entry(token: str, top_n: int, unsure: bool = False, logprob: float | None = None) -> dict[str, Any]:
+    lp = _logprob_of(token, unsure) if logprob is None else round(logprob, 6)
     entry: dict[str, Any] = {
         "token": token,
         "logprob": lp,
@@ -443,6 +462,55 @@ def _completion_logprobs(tokens: list[str], top_n: int, offset: int, unsure: boo
         "top_logprobs": [{x["token"]: x["logprob"] for x in e["top_logprobs"]} for e in entries] if top_n else None,
         "text_offset": offsets,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Behaviour models: answers whose reliability is known in advance, so tests can check that the
+# evaluation measures it.
+#
+# sim-calibrated and sim-overconfident answer the same questions right and wrong: per
+# question (a hash of the last user message, without any line asking for a confidence) a
+# confidence level c from CONFIDENCE_LEVELS is drawn, and the answer is right (the longest
+# sentence of the context, as sim-grounded quotes it) with probability c, else WRONG_ANSWER.
+# sim-calibrated's tokens all carry logprob ln(c), so its confidence is c and tracks its
+# accuracy; sim-overconfident's carry ln(OVERCONFIDENCE) whether right or wrong. Asked for a
+# verbalised confidence (the last user message mentions "Confidence:"), each appends the
+# line "Confidence: N%" with the same figure.
+#
+# sim-brittle answers like sim-grounded when the question starts with its question word
+# (how, what, can, ...) and with sim-ungrounded's fabrication when that keyword has moved
+# (a clause or a sentence in front of it): a model whose answer depends on the phrasing.
+
+CONFIDENCE_LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
+OVERCONFIDENCE = 0.97
+WRONG_ANSWER = "I am quite sure the answer is 17, exactly as the documentation states."
+QUESTION_WORDS = frozenset({"what", "how", "when", "who", "whom", "whose", "where", "which", "why", "can",
+                            "could", "do", "does", "did", "is", "are", "was", "were", "will", "would",
+                            "should", "may", "might", "has", "have"})
+_CONFIDENCE_ASK = re.compile(r"confidence\s*:", re.IGNORECASE)
+
+
+def _unit(salt: str, text: str) -> float:
+    """A deterministic number in [0, 1) for ``text``."""
+    digest = hashlib.sha256(f"{salt}\x00{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def behaviour_answer(model: str, system: str | None, first_context: str, question: str) -> tuple[str, float | None]:
+    """(output, logprob of every token or None) of a behaviour model."""
+    grounded = scenario_output("sim-grounded", system, first_context) or ""
+    if model == "sim-brittle":
+        words = question.split(maxsplit=1)
+        first = words[0].strip(" \t,.;:!?¿¡\"'()").casefold() if words else ""
+        return (grounded if first in QUESTION_WORDS else SCENARIO_OUTPUTS["sim-ungrounded"]), None
+    asked = bool(_CONFIDENCE_ASK.search(question))
+    core = "\n".join(line for line in question.splitlines() if not _CONFIDENCE_ASK.search(line)).strip()
+    level = CONFIDENCE_LEVELS[int(_unit("level", core) * len(CONFIDENCE_LEVELS))]
+    text = grounded if _unit("correct", core) < level else WRONG_ANSWER
+    stated = level if model == "sim-calibrated" else OVERCONFIDENCE
+    if asked:
+        text += f"\n\nConfidence: {round(100 * stated)}%"
+    return text, math.log(stated)
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,6 +606,10 @@ class SimulatorApp:
     def __init__(self, ring_size: int = REQUEST_RING_SIZE) -> None:
         self.ring: deque[dict[str, Any]] = deque(maxlen=ring_size)
         self.sequences: OrderedDict[str, int] = OrderedDict()
+        # what every answer reports about the model behind it; /v1/sim/identity switches it
+        # mid-run, as a provider's silent model update would
+        self.identity: dict[str, str] = {"system_fingerprint": SYSTEM_FINGERPRINT, "model_suffix": ""}
+        self.aliases: dict[str, str] = {}  # requested name -> the model that answers (and is reported)
         self._models_body = orjson.dumps(
             {
                 "object": "list",
@@ -582,6 +654,9 @@ class SimulatorApp:
             return
         if path == "/v1/sim/requests":
             await self._sim_requests(scope, method, send)
+            return
+        if path == "/v1/sim/identity":
+            await self._sim_identity(method, receive, send)
             return
         try:
             body = await _read_body(receive)
@@ -633,6 +708,44 @@ class SimulatorApp:
             await _send_json(send, 400, error_body(400, "Query parameter n must be an integer.", param="n"))
             return
         await _send_json(send, 200, orjson.dumps({"object": "list", "data": self.requests(n)}))
+
+    async def _sim_identity(self, method: str, receive: Receive, send: Send) -> None:
+        """GET: the identity answers report; POST/PUT ``{"system_fingerprint": ..., "model_suffix":
+        ..., "aliases": {"name": "model"}}``: change it for every later answer (``null`` restores
+        the default). An alias makes a request for ``name`` answered, and reported, by ``model``."""
+        if method in ("POST", "PUT"):
+            try:
+                raw = await _read_body(receive)
+                update = orjson.loads(raw or b"{}")
+            except (SimRequestError, orjson.JSONDecodeError):
+                update = None
+            if not _identity_update_ok(update, self.identity):
+                await _send_json(send, 400, error_body(400, "Send a JSON object with system_fingerprint, model_suffix "
+                                                            "(strings or null) and/or aliases (an object of strings "
+                                                            "or null)."))
+                return
+            defaults = {"system_fingerprint": SYSTEM_FINGERPRINT, "model_suffix": ""}
+            for k, v in update.items():
+                if k == "aliases":
+                    self.aliases = dict(v or {})
+                else:
+                    self.identity[k] = defaults[k] if v is None else v
+        elif method != "GET":
+            await _send_json(send, 405, error_body(405, f"Method {method} not allowed on /v1/sim/identity."))
+            return
+        await _send_json(send, 200, orjson.dumps({**self.identity, "aliases": self.aliases}))
+
+    def _behave(self, ex: _Exchange, endpoint: str, body: dict[str, Any], model: str, plan: Plan) -> None:
+        """After planning: the identity the answer reports (``x-sim-system-fingerprint``, else
+        the one ``/v1/sim/identity`` set) and the behaviour models' answers."""
+        plan.system_fingerprint = ex.headers.get("x-sim-system-fingerprint") or self.identity["system_fingerprint"]
+        if self.identity["model_suffix"]:
+            plan.reported_model = model + self.identity["model_suffix"]
+        overridden = "x-sim-output" in ex.headers or "x-sim-outputs" in ex.headers
+        if model in BEHAVIOUR_MODELS and endpoint == "chat" and not plan.tool_calls and not overridden:
+            conv = _conversation(endpoint, body)
+            text, logprob = behaviour_answer(model, conv.system, conv.first_context, conv.last_user)
+            plan.texts, plan.token_logprob = [text], logprob
 
     async def _fail(
         self,
@@ -692,12 +805,14 @@ class SimulatorApp:
                 400, "you must provide a model parameter", param="model", code="missing_required_parameter"
             )
         _validate(endpoint, body)
+        model = self.aliases.get(model, model)
         if not await self._preflight(ex, model):
             return
         if endpoint == "embeddings":
             await self._embeddings(ex, body, model)
             return
         plan = self._plan(ex, endpoint, body, model)
+        self._behave(ex, endpoint, body, model, plan)
         if plan.first_token_s > 0 and not await ex.pause(plan.first_token_s):
             ex.entry["outcome"] = "client_disconnected"
             return
@@ -979,6 +1094,18 @@ def _validate(endpoint: str, body: dict[str, Any]) -> None:
         raise SimRequestError(400, "n must be an integer between 1 and 128.", param="n")
 
 
+def _identity_update_ok(update: Any, identity: dict[str, str]) -> bool:
+    if not isinstance(update, dict):
+        return False
+    for k, v in update.items():
+        if k == "aliases":
+            if v is not None and not (isinstance(v, dict) and all(isinstance(x, str) for x in (*v, *v.values()))):
+                return False
+        elif k not in identity or not (v is None or isinstance(v, str)):
+            return False
+    return True
+
+
 def _is_token_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(t, int) for t in value)
 
@@ -1063,6 +1190,7 @@ def _call_ids(plan: Plan, n: int) -> list[list[str]]:
 
 
 def _chat_completion(body: dict[str, Any], model: str, plan: Plan) -> dict[str, Any]:
+    model = plan.reported_model or model
     n = _n(body)
     text = plan.texts[0]
     choices = []
@@ -1086,7 +1214,8 @@ def _chat_completion(body: dict[str, Any], model: str, plan: Plan) -> dict[str, 
         if body.get("logprobs") is True and not plan.tool_calls:
             top_n = _top_n(body)
             logprobs = {
-                "content": [_logprob_entry(t, top_n, plan.unsure) for t in _chunks(text, plan.chunk_chars)],
+                "content": [_logprob_entry(t, top_n, plan.unsure, plan.token_logprob)
+                            for t in _chunks(text, plan.chunk_chars)],
                 "refusal": None,
             }
         choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": plan.finish_reason})
@@ -1098,12 +1227,13 @@ def _chat_completion(body: dict[str, Any], model: str, plan: Plan) -> dict[str, 
         "choices": choices,
         "usage": _chat_usage(plan, n),
         "service_tier": "default",
-        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "system_fingerprint": plan.system_fingerprint,
     }
 
 
 def _chat_stream_steps(body: dict[str, Any], model: str, plan: Plan) -> list[list[bytes]]:
     """SSE events grouped into steps: the opening, one step per chunk, the closing."""
+    model = plan.reported_model or model
     n = _n(body)
     include_usage = _include_usage(body)
     want_logprobs = body.get("logprobs") is True and not plan.tool_calls
@@ -1118,7 +1248,7 @@ def _chat_stream_steps(body: dict[str, Any], model: str, plan: Plan) -> list[lis
         + b',"model":'
         + orjson.dumps(model)
         + b',"service_tier":"default","system_fingerprint":"'
-        + SYSTEM_FINGERPRINT.encode()
+        + plan.system_fingerprint.encode()
         + b'",'
         + (b'"usage":null,' if include_usage else b"")
         + b'"choices":['
@@ -1174,8 +1304,8 @@ def _chat_stream_steps(body: dict[str, Any], model: str, plan: Plan) -> list[lis
             ]
         )
         for piece in _chunks(plan.texts[0], plan.chunk_chars):
-            logprobs = {"content": [_logprob_entry(piece, top_n, plan.unsure)], "refusal": None} \
-                if want_logprobs else None
+            logprobs = ({"content": [_logprob_entry(piece, top_n, plan.unsure, plan.token_logprob)],
+                         "refusal": None} if want_logprobs else None)
             steps.append(
                 [
                     event({"index": i, "delta": {"content": piece}, "logprobs": logprobs, "finish_reason": None})
@@ -1195,7 +1325,7 @@ def _chat_stream_steps(body: dict[str, Any], model: str, plan: Plan) -> list[lis
                     "created": created,
                     "model": model,
                     "service_tier": "default",
-                    "system_fingerprint": SYSTEM_FINGERPRINT,
+                    "system_fingerprint": plan.system_fingerprint,
                     "choices": [],
                     "usage": _chat_usage(plan, n),
                 }
@@ -1222,6 +1352,7 @@ def _completion_top_n(body: dict[str, Any]) -> int | None:
 
 
 def _text_completion(body: dict[str, Any], model: str, plan: Plan) -> dict[str, Any]:
+    model = plan.reported_model or model
     n = _n(body)
     top_n = _completion_top_n(body)
     choices = []
@@ -1240,11 +1371,12 @@ def _text_completion(body: dict[str, Any], model: str, plan: Plan) -> dict[str, 
         "model": model,
         "choices": choices,
         "usage": _completion_usage(plan, n),
-        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "system_fingerprint": plan.system_fingerprint,
     }
 
 
 def _completion_stream_steps(body: dict[str, Any], model: str, plan: Plan) -> list[list[bytes]]:
+    model = plan.reported_model or model
     n = _n(body)
     include_usage = _include_usage(body)
     top_n = _completion_top_n(body)
@@ -1253,7 +1385,7 @@ def _completion_stream_steps(body: dict[str, Any], model: str, plan: Plan) -> li
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "system_fingerprint": plan.system_fingerprint,
     }
     if include_usage:
         base["usage"] = None

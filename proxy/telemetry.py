@@ -103,6 +103,11 @@ class Telemetry:
         if self.capture is not None:
             self.capture.record(ex)
 
+    def failed(self, component: str, exc: Exception) -> None:
+        """A failure in bookkeeping after a response (``component``): counted in
+        ``gapwatch_telemetry_errors_total`` and logged once per error type, never raised."""
+        self._telemetry_error(component, exc)
+
     def _telemetry_error(self, component: str, exc: Exception) -> None:
         self.metrics.telemetry_errors.labels(component).inc()
         key = f"{component}:{type(exc).__name__}"
@@ -180,6 +185,8 @@ class Telemetry:
                 det, _, kind = key.partition(".")
                 if kind == "response_score" and det == "grounding" and isinstance(value, int | float):
                     c(m.grounding_score, route, model).observe(float(value))
+                elif kind == "response_stats" and isinstance(getattr(value, "confidence", None), float):
+                    c(m.response_confidence, route, model).observe(value.confidence)
                 elif kind == "classification" and isinstance(value, str):
                     c(m.responses_classified, route, model, det, bounded("class:" + det, value)).inc()
 

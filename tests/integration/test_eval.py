@@ -37,7 +37,10 @@ def test_support_suite_separates_grounded_from_ungrounded_model(upstream, tmp_pa
     html = tmp_path / "report.html"
     rc, rep = run_eval(tmp_path, suite_path, "--model", "sim-grounded", "--model", "sim-ungrounded",
                        "--html", str(html))
-    assert rc == 0 and rep["complete"] and rep["jobs"] == 12 and rep["sent_this_run"] == 12
+    # six cases, each also asked in its given paraphrases (seven of them), for two models
+    phrasings = sum(1 + len(c.paraphrases) for c in load_suite(suite_path).suite.cases)
+    assert phrasings == 13
+    assert rc == 0 and rep["complete"] and rep["jobs"] == 26 and rep["sent_this_run"] == 26
     good, bad = rep["per_model"]["sim-grounded"], rep["per_model"]["sim-ungrounded"]
 
     # what the simulator will answer, worked out independently of the eval code
@@ -50,7 +53,7 @@ def test_support_suite_separates_grounded_from_ungrounded_model(upstream, tmp_pa
 
     # task checks: the grounded model answers the five answerable questions and fails the one
     # that needed "I don't know"; the ungrounded model passes nothing
-    assert (good["responses"], good["errors"], bad["errors"]) == (6, 0, 0)
+    assert (good["responses"], good["errors"], bad["errors"]) == (13, 0, 0)
     assert good["task"]["passed"] == 5 and good["task"]["pass_rate"] == pytest.approx(5 / 6, abs=1e-6)
     assert good["task"]["by_check"]["must_contain"] == {"passed": 5, "n": 5, "rate": 1.0}
     assert good["task"]["by_check"]["abstain"] == {"passed": 0, "n": 1, "rate": 0.0}
@@ -108,11 +111,12 @@ def test_budget_then_resume_with_repeats_and_replay_of_the_state(upstream, tmp_p
     state = tmp_path / "state.jsonl"
     common = ["--model", "sim-json-valid", "--model", "sim-json-fenced", "--repeats", "2", "--resume", str(state)]
     rc, rep = run_eval(tmp_path, suite, *common, "--budget", "5")
-    assert rc == 3 and not rep["complete"] and (rep["done"], rep["jobs"], rep["sent_this_run"]) == (5, 16, 5)
+    # four notes, each also in one other layout (paraphrases), two models, two repeats
+    assert rc == 3 and not rep["complete"] and (rep["done"], rep["jobs"], rep["sent_this_run"]) == (5, 32, 5)
     assert "continue with --resume" in capsys.readouterr().out
     rc, rep = run_eval(tmp_path, suite, *common)
-    assert rc == 0 and rep["complete"] and (rep["resumed"], rep["sent_this_run"]) == (5, 11)
-    assert len(state.read_text().splitlines()) == 16
+    assert rc == 0 and rep["complete"] and (rep["resumed"], rep["sent_this_run"]) == (5, 27)
+    assert len(state.read_text().splitlines()) == 32
     valid, fenced = rep["per_model"]["sim-json-valid"], rep["per_model"]["sim-json-fenced"]
     # sim-json-valid always answers with the Ada Lovelace record: valid JSON, right only for "ada"
     assert valid["task"]["by_check"]["json_schema"]["rate"] == 1.0
@@ -124,14 +128,14 @@ def test_budget_then_resume_with_repeats_and_replay_of_the_state(upstream, tmp_p
 
     # a third run has nothing left to send
     rc, rep = run_eval(tmp_path, suite, *common)
-    assert rc == 0 and rep["sent_this_run"] == 0 and rep["resumed"] == 16
+    assert rc == 0 and rep["sent_this_run"] == 0 and rep["resumed"] == 32
 
     # the state is capture-format: replay judges it again with the same detectors
     out = tmp_path / "replay.json"
     assert cli_main(["replay", str(state), "--config", CONFIG, "--json", str(out)]) == 0
     rrep = orjson.loads(out.read_bytes())
-    assert rrep["replayed"] == 16 and rrep["models"]["sim-json-fenced"]["detectors"]["schema"]["rate"] == 1.0
-    assert rrep["live"]["identical_rows"] == 16  # shadow mode judged with the same detectors
+    assert rrep["replayed"] == 32 and rrep["models"]["sim-json-fenced"]["detectors"]["schema"]["rate"] == 1.0
+    assert rrep["live"]["identical_rows"] == 32  # shadow mode judged with the same detectors
 
 
 def test_rag_suite_abstention(upstream, tmp_path):
@@ -179,3 +183,25 @@ def test_check_functions():
     assert run_checks(j, '{"a": 1}', "not json", [], None) == {"json_schema": False, "json_subset": False}
     assert run_checks(Checks(abstain=True), "", "", [], "refused") == {"abstain": True}
     assert run_checks(Checks(abstain=True), "", "", [], None) == {"abstain": False}
+
+
+def test_example_suites_carry_paraphrases():
+    for name in ("support", "rag", "extraction"):
+        suite = load_suite(EXAMPLES / name / "suite.yaml")
+        for case in suite.suite.cases:
+            phrasings = suite.phrasings(case, 0)
+            assert case.paraphrases and len(phrasings) == 1 + len(case.paraphrases), (name, case.id)
+            assert all(p.text.strip() and p.text != phrasings[0].text for p in phrasings[1:]), (name, case.id)
+
+
+def test_readme_shows_the_scorecard_as_it_prints(upstream, capsys, monkeypatch):
+    """The README's scorecard example is the output of the command it shows."""
+    monkeypatch.chdir(ROOT)
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- scorecard-example:", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+    command, *shown = block.splitlines()
+    assert command.startswith("$ gapwatch eval ")
+    args = command.split()[3:]
+    assert cli_main(["eval", *args, "--no-progress"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[: len(shown)] == shown

@@ -33,7 +33,7 @@ PROBE = """<script>
   document.querySelectorAll('figure.chart').forEach(function (fig) {
     var svg = fig.querySelector('svg');
     var r = svg ? svg.getBoundingClientRect() : {width: 0, height: 0};
-    var marks = svg ? Array.prototype.slice.call(svg.querySelectorAll('rect.bar, rect.box')) : [];
+    var marks = svg ? Array.prototype.slice.call(svg.querySelectorAll('rect.bar, rect.box, circle.point')) : [];
     var drawn = marks.filter(function (m) { var b = m.getBBox(); return b.width > 0 && b.height > 0; });
     out.push({chart: fig.getAttribute('data-chart'), kind: fig.getAttribute('data-kind'),
               width: r.width, height: r.height, marks: marks.length, drawn: drawn.length,
@@ -67,7 +67,7 @@ def run_chromium(tmp: Path, *args: str) -> str:
 def probe(tmp: Path, page: Path) -> list[dict[str, Any]]:
     probed = page.with_name(page.stem + "-probe.html")
     probed.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
-    dom = run_chromium(tmp, "--dump-dom", "--virtual-time-budget=5000", "--window-size=1200,900",
+    dom = run_chromium(tmp, "--dump-dom", "--virtual-time-budget=5000", "--window-size=1200,1800",
                        probed.as_uri())
     m = re.search(r'<pre id="gapwatch-probe">(.*?)</pre>', dom, re.S)
     assert m, "the probe did not run"
@@ -134,8 +134,8 @@ def test_reports_render_with_charts_in_headless_chromium(sim, monkeypatch, tmp_p
     assert cli_main(["replay", str(state), "--html", str(replay_html)]) == 0
 
     charts = {c["chart"]: c for c in probe(tmp_path, eval_html)}
-    assert set(charts) == {"task-pass", "detector-rates", "transparency", "robustness", "consistency", "latency",
-                           "tokens"}
+    assert set(charts) == {"reliability", "paraphrase", "task-pass", "detector-rates", "transparency", "robustness",
+                           "consistency", "latency", "tokens"}
     for c in charts.values():
         assert c["width"] > 300 and c["height"] > 40, c
         assert c["drawn"] == c["marks"] > 0, c
@@ -151,10 +151,11 @@ def test_reports_render_with_charts_in_headless_chromium(sim, monkeypatch, tmp_p
         assert c["width"] > 300 and c["drawn"] == c["marks"] > 0, c
 
     shot = tmp_path / "eval.png"
-    run_chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,900", "--hide-scrollbars",
+    run_chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,1800", "--hide-scrollbars",
                  eval_html.as_uri())
     width, height, pixels = png_pixels(shot.read_bytes())
-    assert (width, height) == (1200, 900)
+    assert (width, height) == (1200, 1800)
     counts = {c: sum(1 for p in pixels if p == hex_rgb(c)) for c in PALETTE[:2]}
-    # both models' bars are on screen in their colours (the first chart is above the fold)
+    # both models' marks are on screen in their colours (the scorecard, the reliability diagram
+    # and the first bar charts fill the first screens)
     assert all(n > 500 for n in counts.values()), counts
