@@ -245,6 +245,20 @@ def incident_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def model_change_rows(changes: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``proxy.model_watch`` changes (newest first) as the panel and the chart annotations show
+    them: when, which route and requested model, and the reported identity before and after."""
+    rows = []
+    for c in changes:
+        before, after = c.get("before") or {}, c.get("after") or {}
+        rows.append({"at": c.get("at"), "route": c.get("route"), "model": c.get("model"),
+                     "before_model": before.get("response_model"),
+                     "before_fingerprint": before.get("system_fingerprint"),
+                     "after_model": after.get("response_model"),
+                     "after_fingerprint": after.get("system_fingerprint")})
+    return rows
+
+
 def alert_rows(active: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for a in active:
@@ -261,12 +275,13 @@ def alert_rows(active: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 class Dashboard:
     """Samples the metrics on a timer and answers ``/dashboard/data``."""
 
-    def __init__(self, cfg: DashboardConfig, registry: Any, incidents: Any, alerts: Any,
+    def __init__(self, cfg: DashboardConfig, registry: Any, incidents: Any, alerts: Any, model_watch: Any,
                  clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self._registry = registry
         self._incidents = incidents
         self._alerts = alerts
+        self._model_watch = model_watch
         self._clock = clock
         self._history: deque[Snapshot] = deque(maxlen=cfg.history_points)
         self._task: asyncio.Task[None] | None = None
@@ -316,4 +331,5 @@ class Dashboard:
             "scorecard": scorecard(now, first),
             "incidents": incident_rows(self._incidents.recent(self.cfg.recent_incidents)),
             "alerts": alert_rows(self._alerts.active()),
+            "model_changes": model_change_rows(self._model_watch.changes(self.cfg.recent_incidents)),
         }

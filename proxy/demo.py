@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 import yaml
 
@@ -33,6 +34,10 @@ from proxy.traffic import TrafficStats, generate
 
 DEMO_CONFIG = Path(__file__).parent / "examples" / "demo.yaml"
 RECENT_INCIDENTS = 5
+# the simulated provider "ships a new model version" this many seconds in (or halfway through
+# a shorter --duration), so the model watch has a change to show on the dashboard and alerts
+MODEL_UPDATE_AFTER_SECONDS = 8.0
+UPDATED_FINGERPRINT = "fp_demo_update"
 FINAL_HEADER = "== final summary =="
 
 
@@ -101,9 +106,21 @@ def render(stats: TrafficStats, gw: Any, elapsed: float, urls: dict[str, str]) -
     for det, by_action in sorted(findings_by_detector(gw.metrics.registry).items()):
         counts = "  ".join(f"{a}: {n}" for a, n in sorted(by_action.items()) if n)
         lines.append(f"  {det:<20} {counts}")
+    changes = gw.model_watch.changes(100)
+    lines.append(f"model changes seen {len(changes)}" + (
+        f"   latest: {changes[0]['model']} now reports {changes[0]['after']['system_fingerprint']}" if changes else ""))
     lines.append("last incidents (evidence is masked):")
     lines += [_incident_line(r) for r in gw.telemetry.incidents.recent(RECENT_INCIDENTS)] or ["  none yet"]
     return "\n".join(lines)
+
+
+async def _update_model(sim_url: str, after: float, stop: asyncio.Event) -> None:
+    """The simulator starts reporting a new system fingerprint ``after`` seconds in."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), after)
+        return
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        await client.post(f"{sim_url}/sim/identity", json={"system_fingerprint": UPDATED_FINGERPRINT})
 
 
 async def _main(port: int, duration: float) -> int:
@@ -134,6 +151,8 @@ async def _main(port: int, duration: float) -> int:
     stats = TrafficStats()
     traffic = asyncio.create_task(generate(proxy_url + "/v1", "sk-demo", stop, stats, concurrency=4,
                                            rate_per_second=10.0, seed=7))
+    update_after = min(MODEL_UPDATE_AFTER_SECONDS, duration / 2) if duration else MODEL_UPDATE_AFTER_SECONDS
+    updater = asyncio.create_task(_update_model(f"http://127.0.0.1:{sim_port}/v1", update_after, stop))
     tty = sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
     started = time.monotonic()
     print(f"gapwatch demo: simulated provider on http://127.0.0.1:{sim_port}/v1, proxy on {proxy_url}/v1")
@@ -148,6 +167,7 @@ async def _main(port: int, duration: float) -> int:
         if duration and time.monotonic() - started >= duration:
             stop.set()
     await traffic
+    await updater
     await asyncio.sleep(0.1)  # the last exchanges' telemetry runs after their responses
     print(f"\n{FINAL_HEADER}\n{render(stats, app.gw, time.monotonic() - started, urls)}")
     proxy_srv.should_exit = True

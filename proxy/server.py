@@ -149,8 +149,8 @@ class Gateway:
         self.alerts = AlertEngine(cfg, self.metrics, self.state)
         self.model_watch = ModelWatch(self.model_label, self.metrics, cfg.alerts.model_change.confirm_responses)
         self.consistency = ConsistencyChecker(self.metrics)
-        self.dashboard = Dashboard(cfg.dashboard, self.metrics.registry, self.telemetry.incidents, self.alerts) \
-            if cfg.dashboard.enabled else None
+        self.dashboard = Dashboard(cfg.dashboard, self.metrics.registry, self.telemetry.incidents, self.alerts,
+                                   self.model_watch) if cfg.dashboard.enabled else None
         self.in_flight = 0
         self.ready = False
         self.draining = False

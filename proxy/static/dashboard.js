@@ -8,7 +8,7 @@
   var ACTIONS = ["observe", "annotate", "redact", "retry", "block"];
   var COLORS = {
     requests: "#3b6fd8", errors_5xx: "#c62828", upstream_errors: "#ef6c00",
-    blocked: "#c62828", redacted: "#8e44ad",
+    blocked: "#c62828", redacted: "#8e44ad", model_change: "#f2b705",
     p50: "#3b6fd8", p95: "#1d2430", overhead_p50: "#2e7d32", overhead_p99: "#7cb342",
     observe: "#9aa5b8", annotate: "#3b6fd8", redact: "#8e44ad", retry: "#ef6c00", block: "#c62828"
   };
@@ -51,6 +51,20 @@
                 scales: {y: {beginAtZero: true}, x: {ticks: {maxTicksLimit: 8}}},
                 plugins: {legend: {position: "bottom", labels: {boxWidth: 12}}}}
     });
+  }
+
+  // a bar at each sample during which the upstream's reported model identity changed
+  function changeMarks(series, changes) {
+    var at = changes.map(function (c) { return Date.parse(c.at) / 1000; });
+    var top = Math.max.apply(null, [1].concat(series.requests));
+    return series.t.map(function (t, i) {
+      var from = i > 0 ? series.t[i - 1] : t - 1;
+      return at.some(function (a) { return a > from - 1 && a <= t; }) ? top : null;
+    });
+  }
+
+  function identity(model, fingerprint) {
+    return (model || "–") + " · " + (fingerprint || "no fingerprint");
   }
 
   function findingsChart() {
@@ -124,6 +138,8 @@
     stats("traffic-stats", [["requests", t.requests], ["5xx", t.errors_5xx], ["upstream errors", t.upstream_errors],
                             ["in flight", t.in_flight]]);
     filled("traffic", setSeries(charts.traffic, d.traffic, ["requests", "errors_5xx", "upstream_errors"], 1));
+    charts.traffic.data.datasets[3].data = changeMarks(d.traffic, d.model_changes);
+    charts.traffic.update("none");
     stats("actions-stats", [["blocked", t.blocked], ["redacted", t.redacted], ["annotated", t.annotated]]);
     var acted = setSeries(charts.actions, d.traffic, ["blocked", "redacted"], 1);
     filled("actions", acted || t.blocked + t.redacted > 0);
@@ -147,6 +163,10 @@
       return [[clock(r.ts)], [r.detector], [cat, "sev-" + r.severity], [r.action, "act-" + r.action],
               [r.evidence || "–", "evidence"], [r.model], [r.request_id, "id"]];
     }, "no incidents"));
+    filled("model_changes", table("model-changes", d.model_changes, function (r) {
+      return [[new Date(r.at).toLocaleTimeString([], {hour12: false})], [r.route], [r.model],
+              [identity(r.before_model, r.before_fingerprint)], [identity(r.after_model, r.after_fingerprint)]];
+    }, "no model change seen"));
     filled("alerts", table("alerts", d.alerts, function (r) {
       return [[r.alertname], [r.severity, "sev-" + r.severity], [r.signal], [r.value], [r.model], [r.route],
               [r.since ? new Date(r.since).toLocaleTimeString([], {hour12: false}) : "–"]];
@@ -193,6 +213,8 @@
 
   charts.traffic = lineChart("traffic-chart", ["requests", "errors_5xx", "upstream_errors"],
                              ["requests", "server errors (5xx)", "upstream errors"]);
+  charts.traffic.data.datasets.push({type: "bar", label: "model change", data: [], barThickness: 3,
+                                     backgroundColor: COLORS.model_change});
   charts.actions = lineChart("actions-chart", ["blocked", "redacted"], ["blocked", "redacted"]);
   charts.latency = lineChart("latency-chart", ["p50", "p95", "overhead_p50", "overhead_p99"],
                              ["p50 end to end", "p95 end to end", "p50 proxy overhead", "p99 proxy overhead"]);
