@@ -74,9 +74,10 @@ def fresh_clone(present: tuple[str, ...] = ()) -> Iterator[tuple[Path, Path, Pat
         shutil.rmtree(top, ignore_errors=True)
 
 
-def run_make(clone: Path, bindir: Path, as_user: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_make(clone: Path, bindir: Path, as_user: str | None = None,
+             target: str = "test-deps") -> subprocess.CompletedProcess[str]:
     env = {"PATH": str(bindir), "HOME": "/tmp", "LANG": "C"}
-    cmd = [str(bindir / "make"), "--no-print-directory", "-C", str(clone), "test-deps"]
+    cmd = [str(bindir / "make"), "--no-print-directory", "-C", str(clone), target]
     if as_user is not None:
         runuser = shutil.which("runuser") or "/usr/sbin/runuser"
         cmd = [runuser, "-u", as_user, "--", "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in env.items()), *cmd]
@@ -148,3 +149,24 @@ def test_make_test_runs_the_setup_first_and_ci_holds_no_install_logic():
     assert any("pytest" in line for line in lines)
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci and "apt-get" not in ci and "command -v" not in ci
+
+
+def test_make_test_on_a_fresh_clone_installs_first_as_root():
+    """``make test`` itself (not only its first step): the install runs before anything else;
+    the clone has no Python on PATH, so what follows (the venv) is where it then stops."""
+    require_root()
+    with fresh_clone() as (clone, bindir, log):
+        res = run_make(clone, bindir, target="test")
+        calls = log.read_text().splitlines()
+        assert calls[0] == "update -qq" and calls[1].startswith("install "), calls
+        assert res.stdout.splitlines()[0].startswith("make test: installing prometheus"), res.stdout
+        assert "pytest" not in res.stdout  # no test ran on a half-set-up machine
+
+
+def test_make_test_on_a_fresh_clone_stops_before_the_tests_without_root():
+    user = "nobody" if os.geteuid() == 0 else None
+    with fresh_clone() as (clone, bindir, log):
+        res = run_make(clone, bindir, as_user=user, target="test")
+        assert res.returncode != 0 and not log.exists()
+        assert [line for line in res.stderr.splitlines() if line.startswith("make test needs")], res.stderr
+        assert not (clone / ".venv").exists(), "nothing after the check ran"
