@@ -177,6 +177,12 @@ class ChannelState(ABC):
         say, and the pipeline holds the detector's ``lookback_chars`` behind the end."""
         return None
 
+    def safe_point_for(self, min_severity: Severity) -> int | None:
+        """``safe_point`` counting only findings of at least ``min_severity`` (the policy
+        acts on nothing below it, so nothing below it needs to be held). Override where
+        candidates differ in the severity they could reach."""
+        return self.safe_point()
+
 
 class ResponseState:
     """Dispatches deltas to per-channel states; created by ``Detector.start`` per response."""
@@ -239,6 +245,11 @@ class Detector(ABC):
     #: blocks must then include ``feed_batch_chars - 1`` in ``lookback_chars``. ``finish`` and
     #: ``feed_logprobs`` always come after every pending character was fed.
     feed_batch_chars: int = 1
+    #: Whether this detector judges tool calls (their arguments as a whole): a policy in which
+    #: it blocks or redacts holds a call's argument deltas until the call is complete and
+    #: judged (``policies.<name>.hold_tool_calls``), because a tool call is where a
+    #: compromised answer does harm.
+    judges_tool_calls: ClassVar[bool] = False
 
     def __init__(self, config: DetectorConfig) -> None:
         self.config = config

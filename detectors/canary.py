@@ -44,8 +44,9 @@ from detectors.base import (
     Severity,
     StreamEnd,
 )
+from detectors.pattern_prefix import prefix_regex
 from detectors.redaction import mask, placeholder
-from detectors.stream_scan import StreamScanner
+from detectors.stream_scan import StreamScanner, prefix_finder
 
 NAME = "canary"
 DEFAULT_PREFIX = "gwc-"
@@ -199,6 +200,8 @@ class CanaryDetector(Detector):
         self.cfg = config
         self._pattern = canary_pattern(config.prefix, config.token_chars)
         self._len = len(config.prefix) + config.token_chars
+        # where text could still grow into a canary-shaped token (release by proof)
+        self._prefix = prefix_finder(prefix_regex(self._pattern.pattern))
 
     @property
     def lookback_chars(self) -> int:
@@ -218,9 +221,10 @@ class CanaryDetector(Detector):
 
 
 class _CanaryState(ChannelState):
-    __slots__ = ("_channel", "_p", "_scanner")
+    __slots__ = ("_channel", "_det", "_p", "_scanner")
 
     def __init__(self, det: CanaryDetector, prepared: _Prepared, channel: Channel) -> None:
+        self._det = det
         self._p = prepared
         self._channel = channel
         self._scanner = StreamScanner(det._pattern, det._len)
@@ -230,6 +234,9 @@ class _CanaryState(ChannelState):
 
     def finish(self, end: StreamEnd) -> list[Finding]:
         return self._findings(self._scanner.finish())
+
+    def safe_point(self) -> int | None:
+        return self._scanner.safe_point(self._det._prefix)
 
     def _findings(self, matches: list[tuple[int, int, Any]]) -> list[Finding]:
         out: list[Finding] = []

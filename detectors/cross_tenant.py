@@ -251,7 +251,7 @@ class CrossTenantDetector(Detector):
 
 
 class _CrossTenantState(ChannelState):
-    __slots__ = ("_channel", "_det", "_done", "_p", "_stream", "_tracks")
+    __slots__ = ("_channel", "_det", "_done", "_fed", "_p", "_stream", "_tracks")
 
     def __init__(self, det: CrossTenantDetector, prepared: _Prepared, channel: Channel) -> None:
         self._det = det
@@ -260,9 +260,28 @@ class _CrossTenantState(ChannelState):
         self._stream = ShingleStream(det.cfg.shingle_words)
         self._tracks: dict[str, OverlapTracker] = {}  # insertion order = first match order
         self._done = False
+        self._fed = 0
 
     def feed(self, text: str) -> list[Finding]:
+        self._fed += len(text)
         return self._consume(self._stream.feed(text))
+
+    def safe_point(self) -> int:
+        """A finding spans from its region's first matched shingle: so the start of every
+        region that can still cross the threshold (or, once crossed, grow a tail), and the
+        start of the next shingle (its first word may already be here)."""
+        if self._done:
+            return self._fed
+        point = self._stream.pending_start()
+        next_word = self._stream.words + 1
+        gap = self._det.cfg.max_gap_words
+        for track in self._tracks.values():
+            if track.fired_end is None:
+                if next_word - track.last_word <= gap and track.start < point:
+                    point = track.start  # still within reach of its next match
+            elif track.tail_start is not None and track.tail_start < point:
+                point = track.tail_start
+        return min(point, self._fed)
 
     def finish(self, end: StreamEnd) -> list[Finding]:
         if self._done:

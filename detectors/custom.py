@@ -23,8 +23,9 @@ from detectors.base import (
     Severity,
     StreamEnd,
 )
+from detectors.pattern_prefix import prefix_regex_of_all
 from detectors.redaction import mask, placeholder
-from detectors.stream_scan import NamedAlternatives, StreamScanner, named_alternatives
+from detectors.stream_scan import NamedAlternatives, StreamScanner, named_alternatives, prefix_finder
 
 SeverityName = str
 
@@ -87,6 +88,8 @@ class RegexDetector(Detector):
         if self._alternatives is not None:
             self._pattern, self._finder = self._alternatives, self._alternatives.finder
         self.feed_batch_chars = _SCAN_BATCH_CHARS
+        # where text could still grow into a match (release by proof; None: the look-back)
+        self._prefix = prefix_finder(prefix_regex_of_all(list(config.patterns.values())))
         self._severity = _severity(config.severity)
         self._window = config.max_match_chars
         self._channels = set(config.channels)
@@ -131,6 +134,9 @@ class _RegexState(ChannelState):
         hits = self._scanner.finish()
         return self._findings(hits) if hits else []
 
+    def safe_point(self) -> int | None:
+        return self._scanner.safe_point(self._det._prefix)
+
 
 RegexConfig.detector_class = RegexDetector
 
@@ -173,6 +179,7 @@ class BannedSubstringsDetector(Detector):
             self._automaton.add_word(key, (i, len(key)))
         self._automaton.make_automaton()
         self._longest = max(len(s) for s in config.substrings)
+        self._firsts = frozenset(self._fold(s)[0] for s in config.substrings)
         self._severity = _severity(config.severity)
 
     @property
@@ -221,6 +228,21 @@ class _SubstringState(ChannelState):
     def finish(self, end: StreamEnd) -> list[Finding]:
         return []
 
+    def safe_point(self) -> int:
+        """The start of the longest tail that is still the beginning of a banned substring
+        (found in the automaton's trie); the end when none is."""
+        tail = self._tail
+        n = len(tail)
+        if not n:
+            return self._offset
+        folded = self._det._fold(tail)
+        firsts = self._det._firsts
+        longest_prefix = self._det._automaton.longest_prefix
+        for i, ch in enumerate(folded):
+            if ch in firsts and longest_prefix(folded[i:]) == n - i:
+                return self._offset + i
+        return self._offset + n
+
 
 BannedSubstringsConfig.detector_class = BannedSubstringsDetector
 
@@ -267,6 +289,9 @@ class _LengthState(ChannelState):
 
     def finish(self, end: StreamEnd) -> list[Finding]:
         return []
+
+    def safe_point(self) -> int:
+        return self._n  # it fires on the feed that passes the limit: nothing is ever pending
 
 
 MaxOutputCharsConfig.detector_class = MaxOutputCharsDetector

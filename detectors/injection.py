@@ -254,6 +254,7 @@ class Prepared:
 
 class InjectionDetector(Detector):
     name: ClassVar[str] = NAME
+    judges_tool_calls: ClassVar[bool] = True
 
     def __init__(self, config: InjectionConfig) -> None:
         super().__init__(config)

@@ -177,6 +177,10 @@ class WordStream(BufferedScan[Token]):
         self._base = base + n
         return out
 
+    def pending_start(self) -> int:
+        """The earliest offset at which a word not yet settled can start."""
+        return self._long_start if self._long_start is not None else self._base
+
 
 def tokenize(text: str) -> list[Token]:
     """Tokens of a whole text, exactly as the streaming tokenizer yields them."""
@@ -221,6 +225,19 @@ class ShingleStream:
 
     def finish(self) -> list[Shingle]:
         return self._shingles(self._words.finish())
+
+    @property
+    def words(self) -> int:
+        """Words (and breaks) settled so far: the word index of the last shingle."""
+        return self._count
+
+    def pending_start(self) -> int:
+        """The earliest offset at which a shingle not yet emitted can start: its first word
+        is one of the last ``k - 1`` settled words, or a word still to come."""
+        window = self._window
+        if window:
+            return window[-(self._k - 1)][1] if len(window) >= self._k - 1 else window[0][1]
+        return self._words.pending_start()
 
     def _shingles(self, tokens: list[Token]) -> list[Shingle]:
         out: list[Shingle] = []

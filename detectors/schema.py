@@ -231,6 +231,7 @@ class SchemaDetector(Detector):
     """Validates JSON outputs and tool-call arguments; see the module docstring."""
 
     name: ClassVar[str] = NAME
+    judges_tool_calls: ClassVar[bool] = True
 
     def __init__(self, config: SchemaConfig) -> None:  # type: ignore[override]
         super().__init__(config)

@@ -169,6 +169,34 @@ def named_alternatives(patterns: dict[str, str]) -> NamedAlternatives | None:
     return NamedAlternatives(find, [(n, a[0]) for n, a in alts], anchor, fallback)  # type: ignore[index]
 
 
+def _first_span(pattern: _Pattern, text: str, pos: int) -> tuple[int, int] | None:
+    for m in pattern.finditer(text, pos):
+        if m.end() > m.start():
+            return m.start(), m.end()
+    return None
+
+
+def prefix_finder(prefix_pattern: str | None) -> Finder | None:
+    """A finder for ``Prefix(pattern)\\z`` on RE2 (native calls where available), or ``None``."""
+    if prefix_pattern is None:
+        return None
+    import re2
+
+    try:
+        compiled = re2.compile(prefix_pattern + r"\z")
+    except Exception:  # noqa: BLE001 - re2 raises its own error type (e.g. program too large)
+        return None
+    native = re2_finder(compiled)
+    if native is not None:
+        return native
+
+    def find(text: str, pos: int) -> tuple[int, int] | None:
+        m = compiled.search(text, pos)
+        return None if m is None else m.span()
+
+    return find
+
+
 class StreamScanner:
     """Finds settled, non-overlapping matches of ``pattern`` in a stream of text.
 
@@ -219,6 +247,26 @@ class StreamScanner:
             self._buf = buf[keep_from:]
             self._base = base + keep_from
         return []
+
+    def safe_point(self, prefix: Finder | None) -> int | None:
+        """The earliest absolute offset where a match not reported yet may start: the first
+        match in the undecided region (found, not settled), or the leftmost position from
+        which the text is still a prefix of a match (``prefix`` finds the leftmost match of
+        ``Prefix(pattern)\\z``, see ``detectors.pattern_prefix``); the end of the text when
+        neither. ``None`` without a prefix finder (the caller keeps its look-back window)."""
+        if prefix is None:
+            return None
+        buf, base = self._buf, self._base
+        end = base + len(buf)
+        if self._done:
+            return end
+        pos = max(0, self._scan_from - base)
+        found = self._finder(buf, pos) if self._finder is not None else _first_span(self._pattern, buf, pos)
+        best = end if found is None else base + found[0]
+        live = prefix(buf, pos)
+        if live is not None and base + live[0] < best:
+            best = base + live[0]
+        return best
 
     def finish(self) -> list[tuple[int, int, Any]]:
         if self._done:

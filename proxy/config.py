@@ -164,6 +164,7 @@ class PolicyConfig(_Strict):
     shadow: bool = False
     holdback_chars: int | Literal["auto"] = "auto"
     buffer: Literal["none", "full"] = "none"
+    hold_tool_calls: Literal["auto", "until_valid", "stream"] = "auto"
     block_status: int = Field(default=400, ge=400, le=599)
     incidents_for_observe: bool = False
     detector_budget_ms: float = Field(default=250.0, gt=0)

@@ -101,10 +101,16 @@ DESCRIPTIONS: dict[str, str] = {
     "policies": "Detector policies by name. `default` is built in (measure everything, redact secrets) "
                 "unless you define it.",
     "policies.<name>.shadow": "Measure as if enforcing, change nothing: actions are counted, not applied.",
-    "policies.<name>.holdback_chars": "Characters per choice held back before release so a redact/block can "
-                                      "act before text leaves; `auto` sizes it from the detectors.",
+    "policies.<name>.holdback_chars": "The bound on hold-back per channel: text is released as soon as every "
+                                      "enforcing detector proves it safe, and never held longer than this "
+                                      "many characters; `auto` is the longest match an enforcing detector "
+                                      "must see whole.",
     "policies.<name>.buffer": "`full` buffers the whole response before releasing it (e.g. strict JSON "
                               "that must be valid before the app sees it).",
+    "policies.<name>.hold_tool_calls": "`until_valid` holds a tool call's argument deltas until the detectors "
+                                       "that judge the call (schema, injection) have passed or acted; `stream` "
+                                       "releases them by proof like text; `auto` is `until_valid` when schema "
+                                       "or injection can block or redact in this policy.",
     "policies.<name>.block_status": "HTTP status of a blocked non-streaming response.",
     "policies.<name>.incidents_for_observe": "Also write incident records for findings whose action is "
                                              "`observe`.",

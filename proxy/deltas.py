@@ -263,3 +263,50 @@ def responses_body(obj: dict[str, Any]) -> Extract:
     status = obj.get("status")
     ex.finished.append((0, "length" if status == "incomplete" else "stop"))
     return ex
+
+
+def replace_texts(endpoint: str, obj: dict[str, Any], texts: list[str]) -> None:
+    """Write ``texts`` back into one stream payload, one per piece that ``chat_chunk``,
+    ``completion_chunk`` or ``responses_event`` extracted from it, in the same order; every
+    other field stays as the upstream sent it. Raw tokens in ``logprobs`` would reveal the
+    replaced text, so where a piece changes they are emptied (the shape stays)."""
+    it = iter(texts)
+    if endpoint == "responses":
+        if obj.get("type") in ("response.output_text.delta", "response.refusal.delta",
+                               "response.function_call_arguments.delta") and isinstance(obj.get("delta"), str):
+            if obj["type"] != "response.function_call_arguments.delta" and not obj["delta"]:
+                return
+            obj["delta"] = next(it)
+            if isinstance(obj.get("logprobs"), list):
+                obj["logprobs"] = []
+        return
+    for ch in items(obj.get("choices")):
+        if not isinstance(ch, dict):
+            continue
+        if endpoint == "completions":
+            if isinstance(ch.get("text"), str) and ch["text"]:
+                ch["text"] = next(it)
+                _empty_logprobs(ch)
+            continue
+        delta = ch.get("delta")
+        if not isinstance(delta, dict):
+            continue
+        for name in ("content", "refusal"):
+            if isinstance(delta.get(name), str) and delta[name]:
+                delta[name] = next(it)
+                _empty_logprobs(ch)
+        for tc in items(delta.get("tool_calls")):
+            if not isinstance(tc, dict):
+                continue
+            fn = tc.get("function")
+            new = next(it)
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                fn["arguments"] = new
+
+
+def _empty_logprobs(choice: dict[str, Any]) -> None:
+    lp = choice.get("logprobs")
+    if isinstance(lp, dict):
+        for key in ("content", "refusal", "tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            if isinstance(lp.get(key), list):
+                lp[key] = []

@@ -1,10 +1,10 @@
-"""Detectors -> findings -> actions, per response; and the hold-back window per channel.
+"""Detectors -> findings -> actions, per response; and how far each channel may be released.
 
 ``Policy`` is built once per configured policy (detectors constructed from validated config,
-hold-back sized). ``ResponsePipeline`` is created per response: it feeds every channel's new
-text to every detector, turns findings into actions, records redactions, and decides how much
-of each channel may be released to the client (``take``). It is synchronous and does no I/O;
-the relay loop in ``proxy.relay`` awaits the network around it.
+hold-back bound sized). ``ResponsePipeline`` is created per response: it feeds every channel's
+new text to every detector, turns findings into actions, records redactions, and says up to
+where each channel is proven safe (``release_line``). It is synchronous and does no I/O; the
+relay (``proxy.relay``, with the held events of ``proxy.holdback``) decides which events go out.
 """
 
 from __future__ import annotations
@@ -60,70 +60,76 @@ class Policy:
     config: PolicyConfig
     entries: tuple[DetectorEntry, ...]
     detectors: tuple[Detector, ...]
-    holdback_chars: int
-    rewrites: bool  # text may change (redact) or be held: events are re-serialised
+    holdback_chars: int  # the bound: no character is held longer than this behind the end
+    rewrites: bool  # text may change (redact) or be held: events go through the held queue
     enforcing: bool  # some action can change or stop the output
     max_attempts: int  # upstream attempts a retry action allows (1: no retry)
     wants_logprobs: bool
     # per entry: how many characters the pipeline may collect before calling the detector's
     # feed (see ``Detector.feed_batch_chars``; OBSERVE_BATCH_CHARS when its findings cannot
-    # change the output)
+    # change the output; 1 when they can, since release waits for its safe point)
     feed_batches: tuple[int, ...] = ()
+    # per entry: its findings can change or stop the output, so text waits for its safe point
+    holds: tuple[bool, ...] = ()
+    hold_tool_calls: bool = False  # tool-call arguments wait until the call is judged
+    full_buffer: bool = False  # nothing is released before the response ends
 
     @classmethod
     def build(cls, name: str, config: PolicyConfig, entries: Sequence[DetectorEntry]) -> Policy:
         detectors = tuple(e.settings.build() for e in entries)
-        acting = [(e, d) for e, d in zip(entries, detectors, strict=True)
-                  if e.action in ("redact", "block", "retry")]
-        enforcing = bool(acting) and not config.shadow
+        holds = tuple(not config.shadow and e.action in ("redact", "block", "retry") for e in entries)
+        enforcing = any(holds)
         if config.holdback_chars == "auto":
-            hold = max((d.lookback_chars for e, d in acting
-                        if e.action in ("redact", "block") or e.then in ("redact", "block")), default=0)
+            hold = max((d.lookback_chars for e, d, h in zip(entries, detectors, holds, strict=True)
+                        if h and (e.action in ("redact", "block") or e.then in ("redact", "block"))), default=0)
         else:
             hold = int(config.holdback_chars)
         if not enforcing:
             hold = 0
-        if config.buffer == "full" and enforcing:
-            hold = UNBOUNDED
+        full = config.buffer == "full" and enforcing
+        if config.hold_tool_calls == "auto":
+            tools = any(h and d.judges_tool_calls for d, h in zip(detectors, holds, strict=True))
+        else:
+            tools = enforcing and config.hold_tool_calls == "until_valid"
         # `then` is where a retry (or a redact without a span) falls back to
         redacts = enforcing and any(e.action == "redact" or e.then == "redact" for e in entries)
-        batches = tuple(OBSERVE_BATCH_CHARS if config.shadow or e.action in ("observe", "annotate")
-                        else max(1, int(getattr(d, "feed_batch_chars", 1)))
-                        for e, d in zip(entries, detectors, strict=True))
+        batches = tuple(1 if h else OBSERVE_BATCH_CHARS if config.shadow or e.action in ("observe", "annotate")
+                        else max(1, int(d.feed_batch_chars))
+                        for e, d, h in zip(entries, detectors, holds, strict=True))
         return cls(name=name, config=config, entries=tuple(entries), detectors=detectors,
-                   holdback_chars=hold, rewrites=enforcing and (hold > 0 or redacts), enforcing=enforcing,
+                   holdback_chars=UNBOUNDED if full else hold,
+                   rewrites=enforcing and (hold > 0 or redacts or tools or full), enforcing=enforcing,
                    max_attempts=max((e.max_attempts for e in entries if e.action == "retry"), default=1),
-                   wants_logprobs=any(d.wants_logprobs for d in detectors), feed_batches=batches)
+                   wants_logprobs=any(d.wants_logprobs for d in detectors), feed_batches=batches,
+                   holds=holds, hold_tool_calls=tools, full_buffer=full)
 
     @property
     def empty(self) -> bool:
         return not self.detectors
 
 
-class ChannelBuffer:
-    """Unreleased text of one channel plus the redactions that fall in it.
+class ChannelLedger:
+    """How far one channel's text has been released, and the redactions in what is not.
 
-    A redaction whose start is released is emitted as its placeholder at once and the text
-    up to its end is consumed, even past the hold-back line: nothing of the span leaks.
+    The text itself travels in the held events (``proxy.holdback``); the ledger turns an
+    event's original piece into what the client gets (``cut``). A redaction's placeholder goes
+    out with the piece that holds the redaction's start; the rest of its span is dropped from
+    the pieces after it, so nothing of the span leaks whatever the event boundaries.
     """
 
-    __slots__ = ("emitted", "finished", "held", "keep_emitted", "late", "redactions", "released", "total")
+    __slots__ = ("changed", "emitted", "finished", "keep_emitted", "late", "redactions", "released", "total")
 
     def __init__(self, keep_emitted: bool = False) -> None:
         # released text is only kept where the wire format repeats it whole at the end
         # (Responses API `.done` events); elsewhere memory per response stays bounded
         self.keep_emitted = keep_emitted
-        self.held = ""  # text[released:total]
         self.released = 0
         self.total = 0
         self.redactions: list[tuple[int, int, str]] = []  # sorted by start, disjoint
         self.finished = False
-        self.late = 0  # redactions that began before `released` (hold-back too small)
+        self.late = 0  # redactions that began before `released` (the hold-back bound was passed)
+        self.changed = False  # some redaction applied: text the wire repeats whole must be rebuilt
         self.emitted: list[str] = []
-
-    def append(self, text: str) -> None:
-        self.held += text
-        self.total += len(text)
 
     def redact(self, start: int, end: int, replacement: str) -> None:
         end = min(end, self.total)
@@ -132,6 +138,7 @@ class ChannelBuffer:
             start = self.released
         if end <= start:
             return
+        self.changed = True
         merged = [start, end, replacement]
         rest = []
         for r in self.redactions:
@@ -144,42 +151,36 @@ class ChannelBuffer:
         rest.sort()
         self.redactions = rest
 
-    def take(self, upto: int) -> str:
-        """Release text up to absolute offset ``upto`` with redactions applied."""
-        upto = min(upto, self.total)
-        rel = self.released
-        if not self.redactions:  # the common case: a slice
-            if upto <= rel:
-                return ""
-            text = self.held[: upto - rel]
-            self.held = self.held[upto - rel :]
-            self.released = upto
-            if self.keep_emitted:
-                self.emitted.append(text)
-            return text
-        pos = rel
-        out: list[str] = []
-        keep = []
-        for s, e, repl in self.redactions:
-            if s >= upto:
-                keep.append((s, e, repl))
-                continue
-            if s > pos:
-                out.append(self.held[pos - rel : s - rel])
-            out.append(repl)
-            pos = max(pos, e)
-        if pos < upto:
-            out.append(self.held[pos - rel : upto - rel])
-            pos = upto
-        if pos == rel:
-            return ""
-        self.held = self.held[pos - rel :]
-        self.released = pos
-        self.redactions = keep
-        text = "".join(out)
+    def touches(self, start: int, end: int) -> bool:
+        """Whether a redaction changes the original text in [start, end)."""
+        return any(s < end and e > start for s, e, _ in self.redactions)
+
+    def cut(self, start: int, end: int, text: str) -> str:
+        """The client's text for the original piece ``text`` = [start, end), released now."""
+        self.released = max(self.released, end)
+        out = text
+        if self.redactions:
+            parts: list[str] = []
+            pos = start
+            keep = []
+            for s, e, repl in self.redactions:
+                if s >= end:
+                    keep.append((s, e, repl))
+                    continue
+                if e <= start:
+                    continue
+                if s >= start:  # the placeholder goes with the piece that holds the start
+                    parts.append(text[pos - start : s - start])
+                    parts.append(repl)
+                pos = max(pos, min(e, end))
+                if e > end:
+                    keep.append((s, e, repl))
+            parts.append(text[pos - start :])
+            out = "".join(parts)
+            self.redactions = keep
         if self.keep_emitted:
-            self.emitted.append(text)
-        return text
+            self.emitted.append(out)
+        return out
 
 
 @dataclass
@@ -197,18 +198,21 @@ class Outcome:
 
 
 class _Lane:
-    """One channel of one response: its buffer and, per detector, the channel state to feed.
+    """One channel of one response: its ledger and, per detector, the channel state to feed.
 
     ``now`` detectors get every delta; ``batched`` ones get the text collected in ``pending``
     once ``batch`` characters are there (and whatever is left before a channel's logprobs,
-    finish or the end of the response)."""
+    finish or the end of the response). ``holding`` are the ``now`` states whose findings can
+    change or stop the output, with their detector's look-back and the least severity the
+    policy acts on: release waits for them."""
 
-    __slots__ = ("batch", "batched", "buf", "channel", "now", "pending", "pending_n")
+    __slots__ = ("batch", "batched", "buf", "channel", "holding", "now", "pending", "pending_n")
 
-    def __init__(self, channel: Channel, buf: ChannelBuffer) -> None:
+    def __init__(self, channel: Channel, buf: ChannelLedger) -> None:
         self.channel = channel
         self.buf = buf
         self.now: list[tuple[int, ChannelState]] = []
+        self.holding: list[tuple[int, ChannelState, int, Severity]] = []
         self.batched: list[tuple[int, ChannelState]] = []
         self.batch = UNBOUNDED
         self.pending: list[str] = []
@@ -219,27 +223,30 @@ class ResponsePipeline:
     """Per-response state. Not shared across responses; not thread-safe (one event loop)."""
 
     def __init__(self, policy: Policy, ctx: RequestContext, attempt: int = 0,
-                 can_retry: bool = False, holdback_chars: int | None = None) -> None:
+                 can_retry: bool = False) -> None:
         self.policy = policy
         self.ctx = ctx
         self.attempt = attempt
         self.can_retry = can_retry
-        self.holdback = policy.holdback_chars if holdback_chars is None else holdback_chars
+        self.holdback = policy.holdback_chars
         self.outcome = Outcome()
         self.flow = Flow.CONTINUE
-        self.channels: dict[str, tuple[Channel, ChannelBuffer]] = {}
+        self.channels: dict[str, tuple[Channel, ChannelLedger]] = {}
         self.new_annotations: list[Applied] = []
         self._budget_ns = int(policy.config.detector_budget_ms * 1e6)
-        self._rewrites = policy.rewrites
+        self._full_buffer = policy.full_buffer
+        self._hold_tools = policy.hold_tool_calls
         self._lanes: dict[str, _Lane] = {}
         self._settled = False  # settle_observers ran
         # per started detector: (entry, detector, its response state or None once it failed,
         # how many characters it may be fed at once)
         self._states: list[tuple[DetectorEntry, Detector, ResponseState | None]] = []
         self._batches: list[int] = []
+        self._holds: list[bool] = []
         skipped = []
         batches = policy.feed_batches or (1,) * len(policy.entries)
-        for entry, det, batch in zip(policy.entries, policy.detectors, batches, strict=True):
+        holds = policy.holds or (False,) * len(policy.entries)
+        for entry, det, batch, hold in zip(policy.entries, policy.detectors, batches, holds, strict=True):
             applies = getattr(det, "applies", None)
             if applies is not None and not self._guard(entry, lambda a=applies: a(ctx)):
                 skipped.append(entry.name)  # e.g. schema with no response_format, tools or route schema
@@ -247,6 +254,7 @@ class ResponsePipeline:
             state = self._guard(entry, lambda d=det: d.start(ctx))
             self._states.append((entry, det, state if isinstance(state, ResponseState) else None))
             self._batches.append(batch)
+            self._holds.append(hold)
         self.outcome.not_applicable = tuple(skipped)
 
     # -- running detectors -------------------------------------------------------------------
@@ -393,7 +401,7 @@ class ResponsePipeline:
         key = channel.key
         lane = self._lanes.get(key)
         if lane is None:
-            buf = ChannelBuffer(keep_emitted=self.ctx.endpoint == "responses")
+            buf = ChannelLedger(keep_emitted=self.ctx.endpoint == "responses")
             self.channels[key] = (channel, buf)
             lane = self._lanes[key] = _Lane(channel, buf)
             for i, (entry, _det, state) in enumerate(self._states):
@@ -411,29 +419,27 @@ class ResponsePipeline:
                     lane.batch = min(lane.batch, self._batches[i])
                 else:
                     lane.now.append((i, cs))
+                    if self._holds[i]:
+                        lane.holding.append((i, cs, _det.lookback_chars, entry.min_severity_value))
         elif channel.tool_name and not lane.channel.tool_name:
             lane.channel = channel
             self.channels[key] = (channel, lane.buf)
         return lane
 
-    def _buffer(self, channel: Channel) -> ChannelBuffer:
+    def _buffer(self, channel: Channel) -> ChannelLedger:
         return self._lane(channel).buf
 
     # -- the response's lifecycle ------------------------------------------------------------
 
-    def feed(self, channel: Channel, text: str) -> None:
+    def feed(self, channel: Channel, text: str) -> Flow:
         lane = self._lanes.get(channel.key)
         if lane is None or (channel.tool_name and not lane.channel.tool_name):
             lane = self._lane(channel)
         if not text:
-            return
-        buf = lane.buf
-        if self._rewrites:
-            buf.held += text
-        # else nothing is ever taken back out: count, do not keep (memory stays bounded)
-        buf.total += len(text)
+            return self.flow
+        lane.buf.total += len(text)
         if self.flow is Flow.BLOCK:
-            return
+            return self.flow
         if lane.now:
             self._feed_slots(lane.now, text)
         if lane.batched:
@@ -441,28 +447,32 @@ class ResponsePipeline:
             lane.pending_n += len(text)
             if lane.pending_n >= lane.batch:
                 self._flush(lane)
+        return self.flow
 
-    def feed_logprobs(self, channel: Channel, items: list[tuple[str, float]]) -> None:
+    def feed_logprobs(self, channel: Channel, items: list[tuple[str, float]]) -> Flow:
         self._flush(self._lane(channel))  # logprobs are for text the detectors have seen
         if self.flow is not Flow.BLOCK:
             self._run(lambda s: s.feed_logprobs(channel, items))
+        return self.flow
 
-    def finish_channel(self, channel: Channel, end: StreamEnd) -> None:
+    def finish_channel(self, channel: Channel, end: StreamEnd) -> Flow:
         lane = self._lane(channel)
         buf = lane.buf
         if buf.finished:
-            return
+            return self.flow
         buf.finished = True
         self._flush(lane)
         if self.flow is not Flow.BLOCK:
             self._run(lambda s: s.finish(channel, end))
+        return self.flow
 
-    def finish_choice(self, choice: int, end: StreamEnd) -> None:
+    def finish_choice(self, choice: int, end: StreamEnd) -> Flow:
         for ch, _buf in list(self.channels.values()):
             if ch.choice == choice:
                 self.finish_channel(ch, end)
+        return self.flow
 
-    def finish(self, truncated: bool = False, finish_reason: str | None = None) -> None:
+    def finish(self, truncated: bool = False, finish_reason: str | None = None) -> Flow:
         """End of response: finish every open channel, then response-level checks."""
         end = StreamEnd(finish_reason=finish_reason, truncated=truncated)
         if self.flow is Flow.BLOCK:
@@ -472,6 +482,7 @@ class ResponsePipeline:
         if self.flow is not Flow.BLOCK:
             self._run(lambda s: s.finish_response())
         self._collect_signals()
+        return self.flow
 
     def _collect_signals(self) -> None:
         """Response-level signals some detectors expose for metrics (grounding score,
@@ -494,13 +505,47 @@ class ResponsePipeline:
 
     # -- releasing text ------------------------------------------------------------------------
 
-    def take(self, channel: Channel, final: bool = False) -> str:
-        """The part of the channel's text that may now go to the client (redactions applied)."""
+    def release_line(self, channel: Channel) -> int:
+        """Up to which offset the channel's text may go to the client now.
+
+        Release by proof: everything before the smallest safe point of the detectors whose
+        findings can change or stop the output (a detector that cannot say holds its
+        ``lookback_chars`` behind the end), but never less than the hold-back bound behind
+        the end, so nothing is held longer than ``holdback`` characters. A finished channel
+        is released whole; under ``buffer: full`` nothing is before the end, and a tool
+        call that ``hold_tool_calls`` holds waits for its judgement (-1: not even an empty
+        piece)."""
         lane = self._lanes.get(channel.key)
-        buf = lane.buf if lane is not None else self._buffer(channel)
-        if final or buf.finished:
-            return buf.take(buf.total)
-        return buf.take(buf.total - self.holdback)
+        if lane is None:
+            return 0
+        buf = lane.buf
+        if buf.finished:
+            return buf.total
+        if self._full_buffer or (self._hold_tools and lane.channel.kind == "tool_call"):
+            return -1
+        total = buf.total
+        line = total
+        states = self._states
+        for i, cs, back, min_severity in lane.holding:
+            if states[i][2] is None:
+                continue  # failed: open (closed blocked the response already)
+            try:
+                sp = cs.safe_point_for(min_severity)
+            except Exception as exc:  # noqa: BLE001 - a detector bug must never fail the request
+                self._detector_failed(states[i][0], type(exc).__name__)
+                states[i] = (states[i][0], states[i][1], None)
+                sp = None
+            if sp is None:
+                sp = total - back
+            if sp < line:
+                line = sp
+        bound = total - self.holdback
+        if line < bound:
+            line = bound
+        return line if line > buf.released else buf.released
+
+    def ledger(self, channel: Channel) -> ChannelLedger:
+        return self._buffer(channel)
 
     def emitted_text(self, channel: Channel) -> str:
         return "".join(self._buffer(channel).emitted)

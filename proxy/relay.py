@@ -1,13 +1,16 @@
 """The relay: upstream bytes -> SSE events -> deltas -> pipeline -> bytes to the client.
 
-Pure functions build the bytes (``block_events``, ``annotation_comment``, the rewriters);
-``StreamRelay.events`` is the synchronous per-event step; only ``proxy.server`` awaits.
+Pure functions build the bytes (``block_events``, ``annotation_comment``); ``StreamRelay``
+is the synchronous per-event step; only ``proxy.server`` awaits.
 
 Two modes per response:
-- pass-through: every event is forwarded with its original bytes; detectors observe, and may
-  still end the stream (block) — used when nothing can change the text or the hold-back is 0;
-- rewrite: when a policy may redact or holds text back, each event's text fields are replaced
-  with the text the pipeline releases, and events are re-serialised.
+- pass-through: every event is forwarded with its original bytes as it arrives; detectors
+  observe, and may still end the stream (block). Used when nothing can change the text or
+  be held;
+- hold (``rewrite``): every event waits in ``proxy.holdback`` until the pipeline's release
+  line has passed all of its text (release by proof: the detectors' safe points), then goes
+  out as the upstream's own bytes. Only an event whose text a redaction changes is
+  re-serialised, keeping every other field. Events are never merged or split.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import orjson
 from detectors.base import Channel, Finding, StreamEnd
 from proxy import deltas
 from proxy.exchange import Exchange
+from proxy.holdback import HeldEvent, HeldQueue, lane_of
 from proxy.pipeline import OBSERVE_BATCH_CHARS, Applied, Flow, ResponsePipeline
 from proxy.sse import SSEEvent
 
@@ -134,8 +138,8 @@ class StreamRelay:
         self.base: dict[str, Any] | None = None  # id/created/model of the first chunk
         self.anomalies: list[str] = []
         self._finished_choices: set[int] = set()
-        self._text_items: dict[int, dict[str, Any]] = {}  # responses: delta envelope per item
-        self._refusal_choices: set[int] = set()  # choices whose text arrives as `refusal`
+        self._held = HeldQueue()  # rewrite mode: events waiting for their text to be safe
+        self._lines: dict[str, int] = {}  # release lines computed for the current drain
         # A policy that cannot change or stop the output (observe/annotate/shadow) gets its
         # text per OBSERVE_BATCH_CHARS, not per event: the relay collects the pieces and feeds
         # them in one call, so an event costs a list append instead of the pipeline's
@@ -182,9 +186,15 @@ class StreamRelay:
                 self.anomalies.append("missing_choices")
         if self.base is None and ex_.response_id:
             self.base = {"id": obj.get("id"), "created": obj.get("created"), "model": obj.get("model")}
-        return self._apply(ev, obj, ex_, now)
+        self._note(ex_)
+        if ex_.error is not None:
+            return self._on_error(ev)
+        if self.rewrite:
+            return self._hold(ev, obj, ex_, now)
+        return self._pass(ev, obj, ex_, now)
 
-    def _apply(self, ev: SSEEvent, obj: dict[str, Any], ex_: deltas.Extract, now: float) -> bytes:
+    def _note(self, ex_: deltas.Extract) -> None:
+        """What the exchange records of every event (model, id, fingerprint, usage)."""
         ex = self.ex
         if ex_.response_model:
             ex.response_model = ex_.response_model
@@ -194,37 +204,66 @@ class StreamRelay:
             ex.system_fingerprint = ex_.system_fingerprint
         if ex_.usage:
             ex.usage = ex_.usage
+
+    def _on_error(self, ev: SSEEvent) -> bytes:
+        """The upstream gave up: its error event ends the stream. Detectors finish as
+        truncated, and what they clear of the held events goes out before the error (a client
+        stops reading at the error)."""
+        self.errored = True
+        self.done = True
+        self.ex.truncated = True
+        if self.pipeline is None:
+            return ev.raw
+        ended = self._end(truncated=True)
+        return ended if self.blocked else ended + ev.raw
+
+    def _live_pieces(self, pieces: list[tuple[Channel, str]]) -> list[tuple[Channel, str]]:
+        """Text for a choice that already ended is dropped (its detectors have finished, so it
+        is never released unchecked) and counted."""
+        if self._finished_choices and any(ch.choice in self._finished_choices for ch, _ in pieces):
+            self.anomalies.append("after_finish")
+            return [(ch, t) for ch, t in pieces if ch.choice not in self._finished_choices]
+        return pieces
+
+    def _count(self, ch: Channel, text: str, now: float) -> None:
+        ex = self.ex
+        if text:
+            if ex.upstream_first_token_at is None:
+                ex.upstream_first_token_at = now
+            ex.output_chars += len(text)
+        if ch.choice not in self.choices:
+            self.choices.append(ch.choice)
+        if ex.outputs is not None:
+            ex.record_output(ch, text)
+
+    def _finish_pieces(self, ex_: deltas.Extract) -> None:
+        """Logprobs, finished choices and the end of the response, after the text."""
+        pl = self.pipeline
+        if pl is not None:
+            for ch, items in ex_.logprobs:
+                pl.feed_logprobs(ch, items)
+        for idx, reason in ex_.finished:
+            self.ex.finish_reasons.append(reason)
+            self._finished_choices.add(idx)
+            if pl is not None:
+                pl.finish_choice(idx, StreamEnd(finish_reason=reason))
+        if ex_.done:
+            self.done = True
+            if pl is not None:
+                pl.finish(finish_reason=ex_.finished[0][1] if ex_.finished else None)
+
+    # -- pass-through mode: the upstream's bytes as they come ----------------------------------
+
+    def _pass(self, ev: SSEEvent, obj: dict[str, Any], ex_: deltas.Extract, now: float) -> bytes:
         pl = self.pipeline
         lazy = self._lazy
-        # anything but text (an error, the end, logprobs, a finish) needs the detectors to
-        # have seen all text before it
-        special = ex_.error is not None or ex_.done or ex_.logprobs or ex_.finished
+        # anything but text (the end, logprobs, a finish) needs the detectors to have seen all
+        # text before it
+        special = ex_.done or ex_.logprobs or ex_.finished
         if special and lazy:
             self._feed_pending()
-        if ex_.error is not None:
-            # the upstream gave up: its error event ends the stream. Detectors finish as
-            # truncated and what they clear of the held text goes out before the error (a
-            # client stops reading at the error)
-            self.errored = True
-            out = b""
-            if pl is not None:
-                pl.finish(truncated=True)
-                if pl.flow is Flow.BLOCK:
-                    return self._block()
-                if self.rewrite:
-                    out = self._flush_all()
-                out += self._annotations()
-            self.done = True
-            self.ex.truncated = True
-            return out + ev.raw
-        pieces = ex_.pieces
-        if self._finished_choices and any(ch.choice in self._finished_choices for ch, _ in pieces):
-            # text for a choice that already ended: its detectors have finished, so it is
-            # dropped (a rewrite sends nothing of it) and counted, never released unchecked
-            self.anomalies.append("after_finish")
-            pieces = [(ch, t) for ch, t in pieces if ch.choice not in self._finished_choices]
         switched = False
-        for ch, text in pieces:
+        for ch, text in self._live_pieces(ex_.pieces):
             if lazy:
                 if ch is not self._pending_ch:
                     switched = True
@@ -233,49 +272,26 @@ class StreamRelay:
                 self._pending.append(text)
             elif pl is not None:
                 pl.feed(ch, text)
-            if text:
-                if ex.upstream_first_token_at is None:
-                    ex.upstream_first_token_at = now
-                ex.output_chars += len(text)
-            if ch.choice not in self.choices:
-                self.choices.append(ch.choice)
-            if ex.outputs is not None:
-                ex.record_output(ch, text)
+            self._count(ch, text, now)
         if lazy:
             # the output counted since the last batch (no second counter per event); a feed on
             # a channel switch may have found something that blocks (a detector failing
             # closed) or annotates: that event goes the whole way
-            if (not special and ex.output_chars - self._fed_chars < OBSERVE_BATCH_CHARS
+            if (not special and self.ex.output_chars - self._fed_chars < OBSERVE_BATCH_CHARS
                     and not (switched and (pl.flow is not Flow.CONTINUE or pl.new_annotations))):  # type: ignore[union-attr]
                 stripped = self.ex.strip_logprobs and _strip_logprobs(obj)
                 return b"data: " + orjson.dumps(obj) + b"\n\n" if stripped else ev.raw
             self._feed_pending()
             pl.flush_batches()  # type: ignore[union-attr]
-            self._fed_chars = ex.output_chars
-        if pl is not None:
-            for ch, items in ex_.logprobs:
-                pl.feed_logprobs(ch, items)
-        for idx, reason in ex_.finished:
-            ex.finish_reasons.append(reason)
-            self._finished_choices.add(idx)
-            if pl is not None:
-                pl.finish_choice(idx, StreamEnd(finish_reason=reason))
-        if ex_.done:
-            self.done = True
-            if pl is not None:
-                pl.finish(finish_reason=ex_.finished[0][1] if ex_.finished else None)
+            self._fed_chars = self.ex.output_chars
+        self._finish_pieces(ex_)
         stripped = self.ex.strip_logprobs and _strip_logprobs(obj)
+        out = _serialise(ev.event, obj) if stripped else ev.raw
         if pl is None:
-            return b"data: " + orjson.dumps(obj) + b"\n\n" if stripped else ev.raw
+            return out
         if pl.flow is Flow.BLOCK:
             return self._block()
-        out = self._rewrite(ev, obj, ex_, stripped) if self.rewrite else ev.raw
-        if stripped and out is ev.raw:
-            out = b"data: " + orjson.dumps(obj) + b"\n\n"
-        notes = pl.pop_annotations()
-        if notes:
-            out += annotation_comment(notes)
-        return out
+        return out + self._annotations()
 
     def _feed_pending(self) -> None:
         """Feed the collected pieces of the pending channel in one call (nothing when none)."""
@@ -285,21 +301,129 @@ class StreamRelay:
         pl.feed(ch, texts[0] if len(texts) == 1 else "".join(texts))
         texts.clear()
 
-    def _on_done(self, ev: SSEEvent) -> bytes:
-        self.done = True
+    # -- rewrite mode: events wait until their text is proven safe -----------------------------
+
+    def _hold(self, ev: SSEEvent, obj: dict[str, Any], ex_: deltas.Extract, now: float) -> bytes:
+        """Feed the event's text, then release every held event the pipeline has cleared.
+
+        Each piece is recorded with its offsets in its channel, so the event can leave as the
+        upstream's own bytes once the release line has passed all of them; only an event whose
+        text a redaction changed (or that had to lose a piece or logprobs) is re-serialised."""
         pl = self.pipeline
-        if pl is None:
-            return ev.raw
-        self._feed_pending()
-        # detectors finish first: a match they only confirm at the end (a pattern that could
-        # still have grown) must be redacted or blocked before the held text is released
-        pl.finish(finish_reason=self.ex.finish_reasons[-1] if self.ex.finish_reasons else None)
+        assert pl is not None
+        endpoint = self.ex.endpoint
+        held = HeldEvent(raw=ev.raw, obj=obj, name=ev.event, lane=lane_of(endpoint, obj))
+        finished = self._finished_choices
+        dropped = False
+        for ch, text in ex_.pieces:
+            if finished and ch.choice in finished:
+                held.pieces.append((None, 0, 0, text))  # sent as "" (see _live_pieces)
+                held.dirty = dropped = True
+                continue
+            start = pl.ledger(ch).total
+            pl.feed(ch, text)
+            held.pieces.append((ch, start, start + len(text), text))
+            self._count(ch, text, now)
+        if dropped:
+            self.anomalies.append("after_finish")
+        if self.ex.strip_logprobs and _strip_logprobs(obj):
+            held.dirty = True
+        if endpoint == "responses":
+            self._on_responses_event(obj, held)
+        self._finish_pieces(ex_)
         if pl.flow is Flow.BLOCK:
             return self._block()
-        out = b""
-        if self.rewrite:
-            out += self._flush_all()
-        return out + self._annotations() + ev.raw
+        if self.done:  # a terminal Responses event: everything is judged
+            return self._release_all(held) + self._annotations()
+        self._lines.clear()
+        if not self._held and self._ready(held):
+            out = self._render(held)
+        else:
+            self._held.push(held)
+            out = self._held.drain(self._ready, self._render)
+        if pl.flow is Flow.BLOCK:  # a safe point failed and its detector fails closed
+            return self._block()
+        return out + self._annotations() if pl.new_annotations else out
+
+    def _on_responses_event(self, obj: dict[str, Any], held: HeldEvent) -> None:
+        """Responses API: an item's `.done` event ends its channel (its detectors finish, so
+        its text can all go out), and the events that repeat an item's whole text are marked,
+        to be rebuilt from what was released if a redaction changed it."""
+        pl = self.pipeline
+        assert pl is not None
+        t = obj.get("type")
+        if t == "response.output_text.done":
+            pl.finish_channel(deltas.responses_text_channel(obj.get("output_index")), StreamEnd(finish_reason="stop"))
+        elif t == "response.function_call_arguments.done":
+            oi = obj.get("output_index", 0)
+            pl.finish_channel(self.tools.channel(0, oi if isinstance(oi, int) else 0, None),
+                              StreamEnd(finish_reason="stop"))
+        if t in _REPEATS_TEXT:
+            held.repeats_text = True
+
+    def _ready(self, held: HeldEvent) -> bool:
+        """Whether every piece of text the event carries is before its channel's release line."""
+        lines = self._lines
+        pl = self.pipeline
+        for ch, _start, end, _text in held.pieces:
+            if ch is None:
+                continue
+            line = lines.get(ch.key)
+            if line is None:
+                line = lines[ch.key] = pl.release_line(ch)  # type: ignore[union-attr]
+            if line < end:  # -1 (a held tool call) holds even an empty piece
+                return False
+        return True
+
+    def _render(self, held: HeldEvent) -> bytes:
+        """The client's bytes for a released event: the upstream's own, unless a redaction
+        changes its text (or it lost a piece, or it repeats text a redaction changed)."""
+        pl = self.pipeline
+        assert pl is not None
+        changed = held.dirty
+        ledgers = [pl.ledger(ch) if ch is not None else None for ch, *_ in held.pieces]
+        if not changed:
+            changed = any(led is not None and led.redactions and led.touches(s, e)
+                          for led, (_ch, s, e, _t) in zip(ledgers, held.pieces, strict=True))
+        texts = [led.cut(s, e, t) if led is not None else ""
+                 for led, (_ch, s, e, t) in zip(ledgers, held.pieces, strict=True)]
+        obj = held.obj
+        if held.repeats_text and obj is not None and any(led.changed for _c, led in pl.channels.values()):
+            _fix_repeated_text(obj, pl, self.tools)
+            changed = True
+        if not changed or obj is None:
+            return held.raw
+        deltas.replace_texts(self.ex.endpoint, obj, texts)
+        return _serialise(held.name, obj)
+
+    def _release_all(self, last: HeldEvent | None = None) -> bytes:
+        """Everything held, in order (the response has ended: every channel is judged)."""
+        if last is not None:
+            self._held.push(last)
+        out = self._held.drain(lambda _h: True, self._render)
+        self._held.clear()
+        return out
+
+    # -- the end of the stream --------------------------------------------------------------
+
+    def _end(self, truncated: bool) -> bytes:
+        """Detectors finish (a match they only confirm at the end is redacted or blocked
+        before the held text goes out); then the held events and the annotations."""
+        pl = self.pipeline
+        assert pl is not None
+        self._feed_pending()
+        pl.finish(truncated=truncated,
+                  finish_reason=None if truncated or not self.ex.finish_reasons else self.ex.finish_reasons[-1])
+        if pl.flow is Flow.BLOCK:
+            return self._block()
+        return (self._release_all() if self.rewrite else b"") + self._annotations()
+
+    def _on_done(self, ev: SSEEvent) -> bytes:
+        self.done = True
+        if self.pipeline is None:
+            return ev.raw
+        out = self._end(truncated=False)
+        return out if self.blocked else out + ev.raw
 
     def _annotations(self) -> bytes:
         """The comment line for findings not yet announced (empty when there are none)."""
@@ -309,13 +433,12 @@ class StreamRelay:
     def _block(self) -> bytes:
         self.blocked = True
         self.done = True
+        self._held.clear()  # nothing held of a blocked response reaches the client
         assert self.pipeline is not None
         self.pipeline.settle_observers()
         self.pipeline.pop_annotations()
         return block_events(self.ex.endpoint, self.pipeline.outcome.blocked_by, self.ex, self.choices,
                             self.base)
-
-    # -- the end of the upstream body ---------------------------------------------------------
 
     def on_eof(self) -> tuple[bytes, bool]:
         """Upstream body ended. Returns (bytes, clean): clean is False when it ended without
@@ -323,220 +446,52 @@ class StreamRelay:
         if self.done or self.blocked:
             return b"", True
         self.ex.truncated = True
-        pl = self.pipeline
-        tail = b""
-        if pl is not None:
-            self._feed_pending()
-            pl.finish(truncated=True)
-            if pl.flow is Flow.BLOCK:
-                return self._block(), True
-            if self.rewrite:  # the text held back so far, checked to the end, goes out first
-                tail = self._flush_all()
-            tail += self._annotations()
+        if self.pipeline is None:
+            return b"", self.errored
         # after the upstream's own error event there is nothing to add
-        return tail, self.errored
+        return self._end(truncated=True), self.errored
 
     def on_abort(self) -> bytes:
         """The upstream failed mid-stream (reset, timeout, overlong line): detectors finish as
-        truncated, then what they clear of the held text goes out (or the block ending, if a
+        truncated, then what they clear of the held events goes out (or the block ending, if a
         detector blocks at the end). The caller adds the error event unless blocked."""
         self.ex.truncated = True
-        pl = self.pipeline
-        if pl is None or self.done or self.blocked:
+        if self.pipeline is None or self.done or self.blocked:
             return b""
-        self._feed_pending()
-        pl.finish(truncated=True)
-        if pl.flow is Flow.BLOCK:
-            return self._block()
-        return (self._flush_all() if self.rewrite else b"") + self._annotations()
+        return self._end(truncated=True)
 
-    # -- rewrite mode -----------------------------------------------------------------------
 
-    def _flush_all(self) -> bytes:
-        """Release everything still held (end of response) as one synthetic chunk per choice."""
-        assert self.pipeline is not None
-        pl = self.pipeline
-        ep = self.ex.endpoint
-        by_choice: dict[int, list[tuple[Channel, str]]] = {}
-        for ch, _buf in list(pl.channels.values()):
-            rest = pl.take(ch, final=True)
-            if rest:
-                by_choice.setdefault(ch.choice, []).append((ch, rest))
-        out = bytearray()
-        for idx, parts in by_choice.items():
-            out += self._synthetic(idx, parts, ep)
-        return bytes(out)
+# Responses API events that repeat an item's (or the response's) whole text
+_REPEATS_TEXT = frozenset({"response.output_text.done", "response.function_call_arguments.done",
+                           "response.content_part.done", "response.output_item.done", "response.completed",
+                           "response.incomplete", "response.failed"})
 
-    def _synthetic(self, idx: int, parts: list[tuple[Channel, str]], ep: str) -> bytes:
-        base = self.base or {}
-        if ep == "responses":
-            out = bytearray()
-            for ch, text in parts:
-                if ch.kind == "tool_call":
-                    ev = {"type": "response.function_call_arguments.delta", "output_index": ch.tool_index,
-                          "item_id": "", "delta": text}
-                else:
-                    env = dict(self._text_items.get(ch.choice) or {
-                        "type": "response.output_text.delta", "item_id": "", "output_index": ch.choice,
-                        "content_index": 0})
-                    env["delta"] = text
-                    env.pop("logprobs", None)
-                    ev = env
-                out += b"event: " + ev["type"].encode() + b"\ndata: " + orjson.dumps(ev) + b"\n\n"
-            return bytes(out)
-        choice: dict[str, Any] = {"index": idx, "finish_reason": None}
-        if ep == "completions":
-            choice["text"] = "".join(t for ch, t in parts if ch.kind == "text")
-        else:
-            delta: dict[str, Any] = {}
-            text = "".join(t for ch, t in parts if ch.kind == "text")
-            if text:
-                delta["refusal" if idx in self._refusal_choices else "content"] = text
-            tcs = [{"index": ch.tool_index, "function": {"arguments": t}} for ch, t in parts
-                   if ch.kind == "tool_call"]
-            if tcs:
-                delta["tool_calls"] = tcs
-            choice["delta"] = delta
-        chunk = {"id": base.get("id"), "object": "text_completion" if ep == "completions" else
-                 "chat.completion.chunk", "created": base.get("created"), "model": base.get("model"),
-                 "choices": [choice]}
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
-    def _rewrite(self, ev: SSEEvent, obj: dict[str, Any], ex_: deltas.Extract, dirty: bool = False) -> bytes:
-        assert self.pipeline is not None
-        pl = self.pipeline
-        ep = self.ex.endpoint
-        if ep == "responses":
-            return self._rewrite_responses(ev, obj)
-        choices = obj.get("choices")
-        if not isinstance(choices, list) or not choices:
-            return ev.raw
-        if ep == "chat" and len(choices) == 1:
-            # the usual event, one choice whose delta is only content: what the loop below does
-            # for it, without its general bookkeeping
-            ch = choices[0]
-            delta = ch.get("delta") if isinstance(ch, dict) else None
-            if (isinstance(delta, dict) and len(delta) == 1 and ch.get("finish_reason") is None
-                    and ch.get("logprobs") is None):
-                content = delta.get("content")
-                idx = ch.get("index", 0)
-                if isinstance(content, str) and content and isinstance(idx, int):
-                    text = delta["content"] = pl.take(deltas.text_channel(idx))
-                    if not text and not obj.get("usage"):
-                        return b""
-                    return b"data: " + orjson.dumps(obj) + b"\n\n"
-        prefix = bytearray()
-        changed_any = False
-        keep_event = False
-        for ch in choices:
-            if not isinstance(ch, dict):
-                continue
-            idx = ch.get("index", 0) if isinstance(ch.get("index", 0), int) else 0
-            finishing = isinstance(ch.get("finish_reason"), str)
-            if finishing:
-                # everything held for this choice goes out before its final chunk
-                parts = []
-                for chan, _buf in list(pl.channels.values()):
-                    if chan.choice == idx:
-                        rest = pl.take(chan, final=True)
-                        if rest:
-                            parts.append((chan, rest))
-                if parts:
-                    prefix += self._synthetic(idx, parts, ep)
-                keep_event = True
-            if ep == "completions":
-                if isinstance(ch.get("text"), str):
-                    ch["text"] = "" if finishing and not ch["text"] else pl.take(deltas.text_channel(idx))
-                    changed_any = True
-                    keep_event = keep_event or bool(ch["text"])
-                continue
-            delta = ch.get("delta")
-            if not isinstance(delta, dict):
-                keep_event = True
-                continue
-            if ch.get("logprobs") is not None:
-                # logprobs carry the raw tokens: they would reveal held or redacted text
-                ch["logprobs"] = None
-                changed_any = True
-            if set(delta) - {"content", "tool_calls", "refusal"}:
-                keep_event = True
-            for field_name in ("content", "refusal"):
-                if isinstance(delta.get(field_name), str) and delta[field_name]:
-                    delta[field_name] = "" if finishing else pl.take(deltas.text_channel(idx))
-                    if field_name == "refusal":
-                        self._refusal_choices.add(idx)
-                    changed_any = True
-                    keep_event = keep_event or bool(delta[field_name])
-            tcs = delta.get("tool_calls")
-            if isinstance(tcs, list):
-                for tc in tcs:
-                    if not isinstance(tc, dict):
-                        continue
-                    fn = tc.get("function")
-                    if set(tc) - {"index", "function"} or (isinstance(fn, dict) and fn.get("name")):
-                        keep_event = True  # carries id / type / name
-                    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                        ti = tc.get("index", 0) if isinstance(tc.get("index", 0), int) else 0
-                        chan = self.tools.channel(idx, ti, None)
-                        fn["arguments"] = "" if finishing else pl.take(chan)
-                        changed_any = True
-                        keep_event = keep_event or bool(fn["arguments"])
-        if not changed_any and not dirty:
-            return bytes(prefix) + ev.raw
-        if not keep_event and not obj.get("usage"):
-            return bytes(prefix)
-        return bytes(prefix) + b"data: " + orjson.dumps(obj) + b"\n\n"
+def _serialise(name: str | None, obj: dict[str, Any]) -> bytes:
+    """An event rebuilt from its payload, keeping its SSE ``event:`` name."""
+    head = b"event: " + name.encode() + b"\n" if name else b""
+    return head + b"data: " + orjson.dumps(obj) + b"\n\n"
 
-    def _rewrite_responses(self, ev: SSEEvent, obj: dict[str, Any]) -> bytes:
-        assert self.pipeline is not None
-        pl = self.pipeline
-        t = obj.get("type")
-        name = b"event: " + str(t).encode() + b"\n" if ev.event else b""
-        if t == "response.output_text.delta":
-            text_ch = deltas.responses_text_channel(obj.get("output_index"))
-            self._text_items[text_ch.choice] = {k: obj.get(k) for k in
-                                                ("type", "item_id", "output_index", "content_index")}
-            obj["delta"] = pl.take(text_ch)
-            obj.pop("logprobs", None)  # raw tokens would reveal held or redacted text
-            return name + b"data: " + orjson.dumps(obj) + b"\n\n" if obj["delta"] else b""
-        if t == "response.function_call_arguments.delta":
-            oi = obj.get("output_index", 0)
-            obj["delta"] = pl.take(self.tools.channel(0, oi if isinstance(oi, int) else 0, None))
-            return name + b"data: " + orjson.dumps(obj) + b"\n\n" if obj["delta"] else b""
-        prefix = b""
-        if t == "response.output_text.done":
-            text_ch = deltas.responses_text_channel(obj.get("output_index"))
-            pl.finish_channel(text_ch, StreamEnd(finish_reason="stop"))
-            if pl.flow is Flow.BLOCK:
-                return self._block()
-            rest = pl.take(text_ch, final=True)
-            if rest:
-                prefix = self._synthetic(0, [(text_ch, rest)], "responses")
-            obj["text"] = pl.emitted_text(text_ch)
-        elif t == "response.function_call_arguments.done":
-            oi = obj.get("output_index", 0)
-            chan = self.tools.channel(0, oi if isinstance(oi, int) else 0, None)
-            pl.finish_channel(chan, StreamEnd(finish_reason="stop"))
-            if pl.flow is Flow.BLOCK:
-                return self._block()
-            rest = pl.take(chan, final=True)
-            if rest:
-                prefix = self._synthetic(0, [(chan, rest)], "responses")
-            obj["arguments"] = pl.emitted_text(chan)
-        elif t == "response.content_part.done":
-            part = obj.get("part")
-            if isinstance(part, dict) and isinstance(part.get("text"), str):
-                part["text"] = pl.emitted_text(deltas.responses_text_channel(obj.get("output_index")))
-        elif t == "response.output_item.done":
-            _fix_output_item(obj.get("item"), pl, self.tools, obj.get("output_index"))
-        elif t in ("response.completed", "response.incomplete", "response.failed"):
-            resp = obj.get("response")
-            if isinstance(resp, dict):
-                for oi, item in enumerate(deltas.items(resp.get("output"))):
-                    _fix_output_item(item, pl, self.tools, oi)
-        else:
-            return ev.raw
-        return prefix + name + b"data: " + orjson.dumps(obj) + b"\n\n"
+
+def _fix_repeated_text(obj: dict[str, Any], pl: ResponsePipeline, tools: deltas.ToolNames) -> None:
+    """Rebuild the text a Responses `.done`/terminal event repeats from what was released."""
+    t = obj.get("type")
+    oi = obj.get("output_index")
+    if t == "response.output_text.done":
+        obj["text"] = pl.emitted_text(deltas.responses_text_channel(oi))
+    elif t == "response.function_call_arguments.done":
+        obj["arguments"] = pl.emitted_text(tools.channel(0, oi if isinstance(oi, int) else 0, None))
+    elif t == "response.content_part.done":
+        part = obj.get("part")
+        if isinstance(part, dict) and isinstance(part.get("text"), str):
+            part["text"] = pl.emitted_text(deltas.responses_text_channel(oi))
+    elif t == "response.output_item.done":
+        _fix_output_item(obj.get("item"), pl, tools, oi)
+    else:
+        resp = obj.get("response")
+        if isinstance(resp, dict):
+            for i, item in enumerate(deltas.items(resp.get("output"))):
+                _fix_output_item(item, pl, tools, i)
 
 
 def _valid_utf8(raw: bytes) -> bool:
@@ -582,8 +537,9 @@ def _fix_output_item(item: Any, pl: ResponsePipeline, tools: deltas.ToolNames, o
 
 # -- non-streaming bodies ------------------------------------------------------------------------
 
-def scan_body(endpoint: str, obj: dict[str, Any], ex: Exchange, pl: ResponsePipeline) -> None:
-    """Run a whole non-streaming body through the pipeline (hold-back is unbounded here)."""
+def scan_body(endpoint: str, obj: dict[str, Any], ex: Exchange, pl: ResponsePipeline) -> deltas.Extract:
+    """Run a whole non-streaming body through the pipeline (nothing is released before the
+    end, so no redaction is ever late). Returns what was extracted, for ``redact_body``."""
     if endpoint == "responses":
         ex_ = deltas.responses_body(obj)
     elif endpoint == "completions":
@@ -604,50 +560,61 @@ def scan_body(endpoint: str, obj: dict[str, Any], ex: Exchange, pl: ResponsePipe
         ex.finish_reasons.append(reason)
         pl.finish_choice(idx, StreamEnd(finish_reason=reason))
     pl.finish(finish_reason=ex.finish_reasons[0] if ex.finish_reasons else None)
+    return ex_
 
 
-def redact_body(endpoint: str, obj: dict[str, Any], pl: ResponsePipeline) -> bool:
+def redact_body(endpoint: str, obj: dict[str, Any], pl: ResponsePipeline, extract: deltas.Extract) -> bool:
     """Write redacted text back into a non-streaming body. Returns whether anything changed."""
+    texts: dict[str, list[str]] = {}
+    for ch, text in extract.pieces:
+        texts.setdefault(ch.key, []).append(text)
     changed = False
-    for ch, buf in list(pl.channels.values()):
-        if not buf.redactions and not buf.late:
+    for ch, led in list(pl.channels.values()):
+        if not led.redactions:
             continue
-        new = pl.take(ch, final=True)
+        text = "".join(texts.get(ch.key, ()))
+        _write_body_text(endpoint, obj, ch, led.cut(0, len(text), text))
         changed = True
-        if endpoint == "chat":
-            for choice in deltas.items(obj.get("choices")):
-                if not isinstance(choice, dict) or choice.get("index", 0) != ch.choice:
-                    continue
-                msg = choice.get("message")
-                if not isinstance(msg, dict):
-                    continue
-                choice["logprobs"] = None  # raw tokens would reveal the redacted text
-                if ch.kind == "text":
-                    if isinstance(msg.get("refusal"), str) and not isinstance(msg.get("content"), str):
-                        msg["refusal"] = new
-                    else:
-                        msg["content"] = new
-                else:
-                    tcs = deltas.items(msg.get("tool_calls"))
-                    if ch.tool_index is not None and ch.tool_index < len(tcs):
-                        tc = tcs[ch.tool_index]
-                        fn = tc.get("function") if isinstance(tc, dict) else None
-                        if isinstance(fn, dict):
-                            fn["arguments"] = new
-        elif endpoint == "completions":
-            for choice in deltas.items(obj.get("choices")):
-                if isinstance(choice, dict) and choice.get("index", 0) == ch.choice:
-                    choice["text"] = new
-        elif endpoint == "responses":
-            output = deltas.items(obj.get("output"))
-            if ch.kind == "tool_call" and ch.tool_index is not None and ch.tool_index < len(output):
-                if isinstance(output[ch.tool_index], dict):
-                    output[ch.tool_index]["arguments"] = new
-            elif ch.kind == "text" and ch.choice < len(output) and isinstance(output[ch.choice], dict):
-                first = True  # the item's parts were judged joined: the redacted text goes in the first
-                for part in deltas.items(output[ch.choice].get("content")):
-                    if isinstance(part, dict) and part.get("type") == "output_text":
-                        part["text"] = new if first else ""
-                        first = False
-                obj.pop("output_text", None)  # a convenience copy; the SDK rebuilds it from output
     return changed
+
+
+def _write_body_text(endpoint: str, obj: dict[str, Any], ch: Channel, new: str) -> None:
+    """Put one channel's redacted text back where the body holds it."""
+    if endpoint == "chat":
+        for choice in deltas.items(obj.get("choices")):
+            if not isinstance(choice, dict) or choice.get("index", 0) != ch.choice:
+                continue
+            msg = choice.get("message")
+            if not isinstance(msg, dict):
+                continue
+            choice["logprobs"] = None  # raw tokens would reveal the redacted text
+            if ch.kind == "text":
+                if isinstance(msg.get("refusal"), str) and not isinstance(msg.get("content"), str):
+                    msg["refusal"] = new
+                else:
+                    msg["content"] = new
+            else:
+                tcs = deltas.items(msg.get("tool_calls"))
+                if ch.tool_index is not None and ch.tool_index < len(tcs):
+                    tc = tcs[ch.tool_index]
+                    fn = tc.get("function") if isinstance(tc, dict) else None
+                    if isinstance(fn, dict):
+                        fn["arguments"] = new
+    elif endpoint == "completions":
+        for choice in deltas.items(obj.get("choices")):
+            if isinstance(choice, dict) and choice.get("index", 0) == ch.choice:
+                choice["text"] = new
+                choice["logprobs"] = None
+    elif endpoint == "responses":
+        output = deltas.items(obj.get("output"))
+        if ch.kind == "tool_call" and ch.tool_index is not None and ch.tool_index < len(output):
+            if isinstance(output[ch.tool_index], dict):
+                output[ch.tool_index]["arguments"] = new
+        elif ch.kind == "text" and ch.choice < len(output) and isinstance(output[ch.choice], dict):
+            first = True  # the item's parts were judged joined: the redacted text goes in the first
+            for part in deltas.items(output[ch.choice].get("content")):
+                if isinstance(part, dict) and part.get("type") == "output_text":
+                    part["text"] = new if first else ""
+                    part.pop("logprobs", None)
+                    first = False
+            obj.pop("output_text", None)  # a convenience copy; the SDK rebuilds it from output

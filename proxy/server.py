@@ -540,7 +540,7 @@ class ProxyApp:
                 raise UpstreamError("upstream returned a body that is not a JSON object", code="upstream_protocol")
             max_attempts = policy.max_attempts
             pl = ResponsePipeline(policy, ctx, attempt=attempt, can_retry=attempt + 1 < max_attempts)
-            scan_body(ex.endpoint, obj, ex, pl)
+            extract = scan_body(ex.endpoint, obj, ex, pl)
             ex.outcomes.append(pl.outcome)
             if pl.flow is Flow.RETRY:
                 attempt += 1
@@ -557,7 +557,7 @@ class ProxyApp:
             # the answer as the upstream gave it (before redaction), for the consistency re-ask
             first_answer = answer_of(ex.endpoint, obj) if eligible(ex, policy.config.consistency,
                                                                    self.gw.consistency.rng) else None
-            if redact_body(ex.endpoint, obj, pl):
+            if redact_body(ex.endpoint, obj, pl, extract):
                 data = orjson.dumps(obj)
                 ex.outcome = "redacted"
             if ex.strip_logprobs and _strip_logprobs(obj):

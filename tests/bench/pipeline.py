@@ -350,18 +350,20 @@ def micro() -> dict[str, float]:
         pl = ResponsePipeline(policies["regex20"], ctx)
         for c in chunks5:
             pl.feed(text_ch, c)
-            pl.take(text_ch)
+            pl.release_line(text_ch)
         pl.finish_channel(text_ch, StreamEnd(finish_reason="stop"))
-        pl.take(text_ch, final=True)
+        pl.release_line(text_ch)
         pl.finish()
 
     regex_det = policies["regex20"].detectors[0]
-    # what the pipeline hands the detector: 5-char deltas joined per feed_batch_chars
+    # what the pipeline hands the detector: 5-char deltas joined per its feed batch (1 when it
+    # redacts: release waits for its safe point, so it sees every delta)
+    regex_batch = policies["regex20"].feed_batches[0]
     batched: list[str] = []
     acc = ""
     for c in chunks5:
         acc += c
-        if len(acc) >= regex_det.feed_batch_chars:
+        if len(acc) >= regex_batch:
             batched.append(acc)
             acc = ""
     batched += [acc] if acc else []
@@ -376,7 +378,7 @@ def micro() -> dict[str, float]:
         pl = ResponsePipeline(policies["trivial"], ctx)
         for c in chunks5:
             pl.feed(text_ch, c)
-            pl.take(text_ch)
+            pl.release_line(text_ch)
         pl.finish()
 
     r: dict[str, float] = {}
@@ -402,11 +404,12 @@ def micro() -> dict[str, float]:
         _time_us(relay_policy("trivial", events410)), "answer", len(events410))
     add("micro.relay_regex_2k", "parse + relay + pipeline(regex20, redact, rewrite), 2 KB / 5-char",
         _time_us(relay_policy("regex20", events410)), "answer", len(events410))
-    add("micro.pipeline_regex_2k", "ResponsePipeline(regex20) feed+take, 2 KB in 5-char chunks",
+    add("micro.pipeline_regex_2k", "ResponsePipeline(regex20) feed+release_line, 2 KB in 5-char chunks",
         _time_us(pipeline_regex), "answer", len(chunks5))
-    add("micro.pipeline_trivial_2k", "ResponsePipeline(trivial) feed+take, 2 KB in 5-char chunks",
+    add("micro.pipeline_trivial_2k", "ResponsePipeline(trivial) feed+release_line, 2 KB in 5-char chunks",
         _time_us(pipeline_trivial), "answer", len(chunks5))
-    add("micro.detector_regex_2k", "regex detector alone (20 patterns), 2 KB in 5-char chunks fed per 24 chars",
+    add("micro.detector_regex_2k",
+        f"regex detector alone (20 patterns), 2 KB in 5-char chunks fed per {regex_batch} chars",
         _time_us(detector_regex), "answer", len(chunks5))
     counted = []
     for _ in range(7):  # what gapwatch_detector_seconds_total counts per answer, best of 7 x 50
@@ -415,7 +418,7 @@ def micro() -> dict[str, float]:
             pl = ResponsePipeline(policies["regex20"], ctx)
             for c in chunks5:
                 pl.feed(text_ch, c)
-                pl.take(text_ch)
+                pl.release_line(text_ch)
             pl.finish()
             ns += pl.outcome.detector_ns["regex"]
         counted.append(ns / 50 / 1e3)

@@ -307,6 +307,9 @@ class _RecordingDetector:
             def feed_logprobs(self, items: Any) -> Any:
                 return []
 
+            def safe_point(self) -> Any:
+                return self.inner.safe_point() if self.inner else None
+
             def finish(self, end: Any) -> Any:
                 outer.ends.append(end)
                 return self.inner.finish(end) if self.inner else []

@@ -431,8 +431,7 @@ def check_unary(endpoint: str, obj: Any, policy_name: str) -> None:
         return
     ex = Exchange(request_id="fuzz", method="POST", path=ENDPOINT_PATHS[endpoint], endpoint=endpoint)
     pl = ResponsePipeline(policy, RequestContext())
-    scan_body(endpoint, obj, ex, pl)
-    redact_body(endpoint, obj, pl)
+    redact_body(endpoint, obj, pl, scan_body(endpoint, obj, ex, pl))
     _strip_logprobs(obj)
     orjson.dumps(obj)
 

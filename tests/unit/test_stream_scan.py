@@ -83,21 +83,26 @@ def test_batched_feeding_is_flushed_before_finish_and_counted():
     assert regex_det.feed_batch_chars > 1 and regex_det.lookback_chars >= 16 + regex_det.feed_batch_chars - 1
 
 
-def test_redacting_detector_is_fed_per_its_batch_and_holdback_covers_it():
+def test_redacting_detector_is_fed_every_delta_and_release_never_passes_a_match():
+    """An enforcing detector sees every delta (release waits for its safe point, so it must
+    be current); whatever the pipeline releases before the match completes stops short of it."""
     pol = _policy("redact")
     batch = dict(zip((e.name for e in pol.entries), pol.feed_batches, strict=True))["regex"]
-    assert batch == pol.detectors[0].feed_batch_chars
+    assert batch == 1
     assert pol.holdback_chars == pol.detectors[0].lookback_chars
     pl = ResponsePipeline(pol, RequestContext())
     ch = Channel()
     text = "x" * 40 + "T-1234" + "y" * 200
+    led = pl.ledger(ch)
     out = []
     for i in range(0, len(text), 3):
         pl.feed(ch, text[i : i + 3])
-        out.append(pl.take(ch))
+        line = pl.release_line(ch)
+        out.append(led.cut(led.released, line, text[led.released : line]))
     pl.finish_channel(ch, StreamEnd(finish_reason="stop"))
-    out.append(pl.take(ch, final=True))
+    out.append(led.cut(led.released, led.total, text[led.released :]))
     assert "".join(out) == "x" * 40 + "[REDACTED:t]" + "y" * 200
+    assert pl.outcome.late_redactions == 0
 
 
 def test_regex_detector_finds_the_same_with_and_without_native_calls():
