@@ -80,7 +80,7 @@ def _final_summary(text: str) -> tuple[dict[str, dict[str, int]], dict[str, int]
     """(findings per detector by action, responses by action) from the summary printed at the end."""
     final = text.split("== final summary ==", 1)[1]
     per_detector: dict[str, dict[str, int]] = {}
-    section = final.split("findings by detector (action: count):", 1)[1].split("last incidents", 1)[0]
+    section = final.split("findings by detector (action: count):", 1)[1].split("model changes seen", 1)[0]
     for line in section.strip().splitlines():
         det, *counts = line.split()
         per_detector[det] = {a.rstrip(":"): int(n) for a, n in zip(counts[::2], counts[1::2], strict=True)}
@@ -126,5 +126,7 @@ def test_demo_duration_20_shows_every_family_acting_and_exits_0():
     assert per_detector["injection"].get("annotate", 0) > 0
     assert all(set(per_detector[d]) == {"observe"} for d in ("grounding", "transparency"))
     assert responses["block"] > 0 and responses["redact"] > 0
+    changes = re.search(r"model changes seen (\d+)", text.split("== final summary ==", 1)[1])
+    assert changes and int(changes[1]) > 0  # the simulator's new model version was noticed
     incidents = text.split("last incidents (evidence is masked):")[-1]
     assert re.search(r"request gw-[0-9a-f]{32}", incidents), incidents
