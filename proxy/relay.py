@@ -358,7 +358,7 @@ class StreamRelay:
             oi = obj.get("output_index", 0)
             pl.finish_channel(self.tools.channel(0, oi if isinstance(oi, int) else 0, None),
                               StreamEnd(finish_reason="stop"))
-        if t in _REPEATS_TEXT:
+        if isinstance(t, str) and t in _REPEATS_TEXT:  # a malformed "type" ([], {}) is no event we know
             held.repeats_text = True
 
     def _ready(self, held: HeldEvent) -> bool:
