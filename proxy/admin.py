@@ -1,19 +1,33 @@
-"""Health, readiness, metrics and admin endpoints (FastAPI: off the hot path).
+"""Health, readiness, metrics, admin and dashboard endpoints (FastAPI: off the hot path).
 
 Admin routes need ``Authorization: Bearer <server.admin_token>``; with no token configured
-they are disabled (403), never open.
+they are disabled (403), never open. The dashboard (``dashboard.enabled``) is a static page
+plus ``/dashboard/data``, which needs the same token: the page holds no data of its own and
+reads the token from its URL fragment (never sent to a server or written to a log).
 """
 
 from __future__ import annotations
 
 import hmac
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Query
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.errors import Forbidden, ProxyError, Unauthorized
+from proxy.errors import Forbidden, NotFound, ProxyError, Unauthorized
+
+STATIC = Path(__file__).resolve().parent / "static"
+# the files the page loads: name -> content type (nothing else under static/ is served)
+DASHBOARD_FILES = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "text/css; charset=utf-8",
+                   "chart.umd.min.js": "text/javascript; charset=utf-8"}
+# the page runs only its own scripts and talks only to this origin
+PAGE_HEADERS = {
+    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff", "referrer-policy": "no-referrer", "cache-control": "no-store",
+}
 
 
 def build_admin_app(gateway: Any, serve_metrics: bool = True, serve_admin: bool = True) -> FastAPI:
@@ -79,4 +93,27 @@ def build_admin_app(gateway: Any, serve_metrics: bool = True, serve_admin: bool 
                        "detectors": {e.name: e.action for e in p.entries}}
                 for name, p in gateway.policies.items()}}
 
+    if serve_admin and getattr(gateway, "dashboard", None) is not None:
+        _dashboard_routes(app, gateway, require_admin)
     return app
+
+
+def _dashboard_routes(app: FastAPI, gateway: Any, require_admin: Any) -> None:
+    page = (STATIC / "dashboard.html").read_bytes()
+    files = {name: (STATIC / name).read_bytes() for name in DASHBOARD_FILES}
+
+    @app.get("/dashboard")
+    async def dashboard_page() -> Response:
+        return Response(page, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+
+    @app.get("/dashboard/static/{name}")
+    async def dashboard_file(name: str) -> Response:
+        if name not in files:
+            raise NotFound(f"no dashboard file {name[:40]!r}")
+        return Response(files[name], media_type=DASHBOARD_FILES[name],
+                        headers={"x-content-type-options": "nosniff", "cache-control": "max-age=300"})
+
+    @app.get("/dashboard/data")
+    async def dashboard_data(authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
+        require_admin(authorization)
+        return JSONResponse(gateway.dashboard.data(), headers={"cache-control": "no-store"})

@@ -4,11 +4,21 @@ uvicorn needs when it runs several worker processes."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from proxy.admin import build_admin_app
 from proxy.config import LoadedConfig, load
 from proxy.metrics import Metrics
 from proxy.server import Gateway, ProxyApp
+
+
+def uvicorn_options(shutdown_grace_seconds: float) -> dict[str, Any]:
+    """How gapwatch runs its listeners under uvicorn (``serve`` and ``demo``): no access log;
+    X-Forwarded-For from clients not trusted (and no middleware per request for it); no
+    ``server``/``date`` headers of uvicorn's own, because the upstream's pass through and a
+    response must not carry them twice."""
+    return {"log_level": "warning", "access_log": False, "lifespan": "on", "proxy_headers": False,
+            "server_header": False, "date_header": False, "timeout_graceful_shutdown": shutdown_grace_seconds}
 
 
 def create_app(loaded: LoadedConfig, metrics: Metrics | None = None,

@@ -15,7 +15,7 @@ from proxy.config import ConfigError, load
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from proxy.app import create_app
+    from proxy.app import create_app, uvicorn_options
 
     try:
         loaded = load(args.config, args.upstream)
@@ -30,11 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for noisy in ("httpx", "httpcore"):  # one INFO line per upstream request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # proxy_headers off: X-Forwarded-For from clients is not trusted (and costs a middleware
-    # per request); no server/date headers of our own: the upstream's pass through
-    common = {"log_level": "warning", "access_log": False, "lifespan": "on", "proxy_headers": False,
-              "server_header": False, "date_header": False,
-              "timeout_graceful_shutdown": server.shutdown_grace_seconds}
+    common = uvicorn_options(server.shutdown_grace_seconds)
     if workers > 1:
         if args.config:
             os.environ["GAPWATCH_CONFIG"] = os.path.abspath(args.config)

@@ -28,8 +28,8 @@ Action = Literal["observe", "annotate", "redact", "block", "retry"]
 
 # keys of a policy's detector entry that belong to the policy layer; the rest is the
 # detector's own settings
-POLICY_KEYS = frozenset({"action", "then", "max_attempts", "min_severity", "on_error", "enabled",
-                         "retry_guidance"})
+POLICY_KEYS = frozenset({"action", "then", "max_attempts", "min_severity", "below_min_severity", "on_error",
+                         "enabled", "retry_guidance"})
 
 
 class ConfigError(Exception):
@@ -143,6 +143,7 @@ class DetectorEntry(_Strict):
     then: Literal["observe", "annotate", "redact", "block"] = "block"
     max_attempts: int = Field(default=2, ge=1, le=5)
     min_severity: Literal["low", "medium", "high", "critical"] = "low"
+    below_min_severity: Literal["observe", "annotate"] = "observe"
     on_error: Literal["open", "closed"] = "open"
     retry_guidance: bool = False
     settings: DetectorConfig
@@ -190,6 +191,7 @@ class StateConfig(_Strict):
 class MetricsConfig(_Strict):
     enabled: bool = True
     model_allowlist: list[str] = Field(default_factory=list)
+    max_model_labels: int = Field(default=50, ge=1, le=1000)
 
 
 class TracingConfig(_Strict):
@@ -303,6 +305,13 @@ class IncidentsConfig(_Strict):
     capture_evidence: bool = True
 
 
+class DashboardConfig(_Strict):
+    enabled: bool = False
+    refresh_seconds: float = Field(default=2.0, ge=0.5, le=60.0)
+    history_points: int = Field(default=150, ge=10, le=2000)
+    recent_incidents: int = Field(default=20, ge=1, le=200)
+
+
 class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     upstreams: dict[str, UpstreamConfig]
@@ -313,6 +322,7 @@ class Config(_Strict):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     incidents: IncidentsConfig = Field(default_factory=IncidentsConfig)
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
 
 
 @dataclass(frozen=True)
@@ -456,6 +466,9 @@ def _check_references(cfg: Config, problems: list[str]) -> None:
     for i, sink in enumerate(cfg.incidents.sinks):
         if sink.type == "jsonl" and not sink.path:
             problems.append(f"incidents.sinks[{i}].path: a jsonl sink needs a path")
+    if cfg.dashboard.enabled and cfg.server.admin_token is None:
+        problems.append("dashboard.enabled: the dashboard shows what the admin endpoints show and needs "
+                        "server.admin_token (e.g. admin_token: ${GAPWATCH_ADMIN_TOKEN})")
     if cfg.state.backend == "redis" and not cfg.state.url:
         problems.append("state.url: the redis backend needs a url, e.g. redis://127.0.0.1:6379/0")
     for i, sink in enumerate(cfg.alerts.sinks):

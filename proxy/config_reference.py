@@ -125,7 +125,11 @@ DESCRIPTIONS: dict[str, str] = {
     "policies.<name>.detectors.<detector>.then": "Action after `retry` attempts run out.",
     "policies.<name>.detectors.<detector>.max_attempts": "Upstream attempts in all for `retry`, the first "
                                                          "included.",
-    "policies.<name>.detectors.<detector>.min_severity": "Findings below this severity are only observed.",
+    "policies.<name>.detectors.<detector>.min_severity": "Findings below this severity get `below_min_severity` "
+                                                         "instead of `action`.",
+    "policies.<name>.detectors.<detector>.below_min_severity": "What findings below `min_severity` get: `observe` "
+                                                               "or `annotate` (e.g. block exfiltration links, "
+                                                               "annotate injection echoes).",
     "policies.<name>.detectors.<detector>.on_error": "If the detector fails or overruns its budget: `open` "
                                                      "lets the response through, `closed` blocks it.",
     "policies.<name>.detectors.<detector>.retry_guidance": "On `retry`, append the findings' messages to "
@@ -137,8 +141,12 @@ DESCRIPTIONS: dict[str, str] = {
     "state.url": "Redis URL for the `redis` backend, e.g. `redis://redis:6379/0`.",
     "state.key_prefix": "Prefix of every Redis key gapwatch writes.",
     "telemetry.metrics.enabled": "Export Prometheus metrics on `/metrics`.",
-    "telemetry.metrics.model_allowlist": "Globs of model names kept as the `model` label; any other model "
-                                         "is labelled `other` (bounded series).",
+    "telemetry.metrics.model_allowlist": "Globs of the requested model names kept as the `model` label; any "
+                                         "other model is labelled `other`. Empty: the label is the model the "
+                                         "upstream reports in its response.",
+    "telemetry.metrics.max_model_labels": "Distinct `model` label values admitted per process, first come first "
+                                          "served (with or without an allow-list); later names count as `other`, "
+                                          "so every metric's series stay bounded.",
     "telemetry.tracing.enabled": "Emit OpenTelemetry spans (needs `otlp_endpoint`).",
     "telemetry.tracing.otlp_endpoint": "OTLP/HTTP collector URL, e.g. `http://otel-collector:4318`.",
     "telemetry.tracing.capture_content": "Put prompt and output text on spans (off: no content leaves "
@@ -205,6 +213,13 @@ DESCRIPTIONS: dict[str, str] = {
     "incidents.queue_size": "Records waiting for the sinks; beyond it records are dropped and counted.",
     "incidents.keep_recent": "Recent records kept in memory for `/admin/incidents`.",
     "incidents.capture_evidence": "Include the (already masked) evidence in records.",
+    "dashboard": "The built-in live dashboard (`GET /dashboard`): the panels of the Grafana dashboards from "
+                 "this process's own metrics, incidents and alerts, with no other service.",
+    "dashboard.enabled": "Serve `/dashboard` and `/dashboard/data` (next to `/admin/*`). Off in `serve`, on in "
+                         "`gapwatch demo`. Needs `server.admin_token`: the data endpoint requires it.",
+    "dashboard.refresh_seconds": "How often the metrics are sampled for the charts and the page reloads its data.",
+    "dashboard.history_points": "Samples kept for the charts (history_points x refresh_seconds of history).",
+    "dashboard.recent_incidents": "Incident records shown (detector, category, masked evidence, request id).",
 }
 
 # Fallback meanings of detector settings, used when the detector's config class says nothing

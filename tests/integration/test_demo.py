@@ -71,3 +71,62 @@ def test_demo_shows_traffic_within_seconds_and_stops_cleanly_on_ctrl_c():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+FAMILIES = ("schema", "pii", "secrets", "system_prompt_leak", "injection", "grounding", "transparency")
+
+
+def _final_summary(text: str) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """(findings per detector by action, responses by action) from the summary printed at the end."""
+    final = text.split("== final summary ==", 1)[1]
+    per_detector: dict[str, dict[str, int]] = {}
+    section = final.split("findings by detector (action: count):", 1)[1].split("model changes seen", 1)[0]
+    for line in section.strip().splitlines():
+        det, *counts = line.split()
+        per_detector[det] = {a.rstrip(":"): int(n) for a, n in zip(counts[::2], counts[1::2], strict=True)}
+    m = re.search(r"responses blocked (\d+)\s+redacted (\d+)\s+annotated (\d+)", final)
+    assert m, final
+    return per_detector, {"block": int(m[1]), "redact": int(m[2]), "annotate": int(m[3])}
+
+
+def test_demo_duration_20_shows_every_family_acting_and_exits_0():
+    port = _free_port()
+    proc = subprocess.Popen([str(GAPWATCH), "demo", "--port", str(port), "--duration", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "TERM": "dumb"})
+    try:
+        assert proc.stdout is not None
+        head = b""
+        while b"live dashboard:" not in head:
+            line = proc.stdout.readline()
+            assert line, head.decode(errors="replace")
+            head += line
+        # what a client gets through the demo proxy: one date, one server (the simulator's)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers={"authorization": "Bearer sk-demo"},
+                       json={"model": "sim-clean", "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+        assert r.status_code == 200, r.text
+        for name in ("date", "server", "content-type", "content-length"):
+            assert len(r.headers.get_list(name)) <= 1, (name, r.headers.raw)
+        assert len(r.headers.get_list("date")) == 1
+        dashboard_url = re.search(rb"live dashboard: (\S+)", head)[1].decode()
+        assert dashboard_url.startswith(f"http://127.0.0.1:{port}/dashboard#token=")
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = (head + rest).decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "Traceback" not in text
+    per_detector, responses = _final_summary(text)
+    for family in FAMILIES:
+        assert sum(per_detector.get(family, {}).values()) > 0, f"{family} never fired:\n{text[-3000:]}"
+    assert per_detector["secrets"].get("redact", 0) > 0 and per_detector["pii"].get("redact", 0) > 0
+    assert per_detector["schema"].get("block", 0) > 0 and per_detector["injection"].get("block", 0) > 0
+    assert per_detector["system_prompt_leak"].get("annotate", 0) > 0
+    assert per_detector["injection"].get("annotate", 0) > 0
+    assert all(set(per_detector[d]) == {"observe"} for d in ("grounding", "transparency"))
+    assert responses["block"] > 0 and responses["redact"] > 0
+    changes = re.search(r"model changes seen (\d+)", text.split("== final summary ==", 1)[1])
+    assert changes and int(changes[1]) > 0  # the simulator's new model version was noticed
+    incidents = text.split("last incidents (evidence is masked):")[-1]
+    assert re.search(r"request gw-[0-9a-f]{32}", incidents), incidents

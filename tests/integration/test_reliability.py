@@ -311,6 +311,9 @@ class _RecordingDetector:
             def safe_point(self) -> Any:
                 return self.inner.safe_point() if self.inner else None
 
+            def safe_point_for(self, min_severity: Any) -> Any:
+                return self.inner.safe_point_for(min_severity) if self.inner else None
+
             def finish(self, end: Any) -> Any:
                 outer.ends.append(end)
                 return self.inner.finish(end) if self.inner else []

@@ -273,3 +273,18 @@ def test_flood_of_random_models_and_paths_keeps_series_bounded(sim: Any) -> None
     total = sum(len(v) for v in after_second.values())
     assert total < 6_000, total
     print(f"flood: 12,000 requests in {elapsed:.1f}s, {total} series, {len(labels['model'])} model labels")
+
+
+def test_zero_config_labels_are_the_reported_models_first_n_then_other() -> None:
+    ml = ModelLabel([], max_models=2)
+    assert ml.from_response
+    assert ml("gpt-4o") == "other"  # before any response: a request's name is free text
+    assert ml.for_response("gpt-4o", "gpt-4o-2024-08-06") == "gpt-4o-2024-08-06"
+    assert ml.for_response("made-up", None) == "other"  # no response, never reported
+    assert ml.for_response("x", "claude-3") == "claude-3"
+    assert ml.for_response("y", "llama-3") == "other"  # the cap
+    assert ml("claude-3") == "claude-3" and ml.for_response("z", "gpt-4o-2024-08-06") == "gpt-4o-2024-08-06"
+    assert ml.for_response("w", "bad name{}") == "other"  # not a model name
+    explicit = ModelLabel(["sim-*"])
+    assert explicit.for_response("sim-a", "gpt-4o") == "sim-a"  # an allow-list wins: the request's name
+    assert explicit.for_response("gpt-4o", "gpt-4o") == "other"

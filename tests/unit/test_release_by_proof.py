@@ -283,7 +283,11 @@ def test_an_invalid_tool_call_is_blocked_before_any_argument_leaves():
     policy = _policy({"schema": {"action": "block"}})
     sent = _per_event(policy, _tool_stream(['{"amount": ', '"all of it"}']))
     assert b"all of it" not in b"".join(sent)
-    assert b"content_filter" in b"".join(sent) and not any(b"amount" in e for e in sent)
+    assert b"content_filter" in b"".join(sent)
+    lines = [line for e in sent for line in e.split(b"\n") if line.startswith(b"data: {")]
+    # no argument delta left; the error event names the JSON path ($.amount), not the value
+    assert not any(b"amount" in line for line in lines if b'"error"' not in line)
+    assert any(b'"path":"$.amount"' in line for line in lines)
 
 
 def test_hold_tool_calls_stream_lets_arguments_through():

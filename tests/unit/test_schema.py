@@ -130,6 +130,20 @@ def test_messages_say_where_and_why() -> None:
     quiet = SchemaConfig(show_value_chars=0).build()
     [h] = run(quiet, ctx_for(schema), doc2)
     assert "value" not in h.message and h.message.endswith("got a string")
+    # the reason block errors give the client never quotes the value, whatever show_value_chars
+    assert f.attrs["reason"] == "expected number, got a string"
+    assert g.attrs["reason"] == 'expected one of "A", "B", got a string'
+
+
+def test_reasons_of_final_failures_quote_no_value() -> None:
+    doc = '{"a": "xyz", "b": [1, 1]}'
+    schema = {"properties": {"a": {"pattern": "^[0-9]+$"}}}
+    [f] = run(DET, ctx_for(schema), doc)
+    assert "xyz" in f.message  # the incident record may quote a little (show_value_chars)
+    assert "xyz" not in f.attrs["reason"] and f.attrs["reason"]
+    number = '{"n": -3}'
+    [g] = run(DET, ctx_for({"properties": {"n": {"minimum": 0}}}), number)
+    assert "-3" in g.message and "-3" not in g.attrs["reason"]
 
 
 def test_final_only_failures_have_path_and_span() -> None:

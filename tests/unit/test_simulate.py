@@ -187,6 +187,38 @@ def test_chat_tool_call_streaming_through_sdk_accumulator(client: openai.OpenAI)
     assert final.choices[0].message.tool_calls[0].function.arguments == args  # type: ignore[index]
 
 
+TOOLS = [{"type": "function", "function": {"name": "Product", "parameters": {"type": "object"}}},
+         {"type": "function", "function": {"name": "other_tool", "parameters": {"type": "object"}}}]
+
+
+def test_forced_tool_choice_gets_exactly_one_call_to_it(client: openai.OpenAI) -> None:
+    """What instructor, langchain and litellm rely on: a ``tool_choice`` naming a function gets
+    one call to it, carrying the output as its arguments (streamed or not, chat or Responses)."""
+    args = '{"product": "pen", "price": 1.5}'
+    msgs = [{"role": "user", "content": args}]  # sim-echo: the output is the last user message
+    forced = {"type": "function", "function": {"name": "Product"}}
+    r = client.chat.completions.create(model="sim-echo", messages=msgs, tools=TOOLS, tool_choice=forced)  # type: ignore[arg-type]
+    (call,) = r.choices[0].message.tool_calls or []
+    assert (call.function.name, call.function.arguments) == ("Product", args)  # type: ignore[union-attr]
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    with client.chat.completions.stream(model="sim-echo", messages=msgs, tools=TOOLS,  # type: ignore[arg-type]
+                                        tool_choice=forced) as s:
+        final = s.get_final_completion()
+    assert [(t.function.name, t.function.arguments) for t in final.choices[0].message.tool_calls or []] == [
+        ("Product", args)]
+    one = client.chat.completions.create(model="sim-echo", messages=msgs, tools=TOOLS[:1], tool_choice="required")  # type: ignore[arg-type]
+    assert [t.function.name for t in one.choices[0].message.tool_calls or []] == ["Product"]  # type: ignore[union-attr]
+    # "required" among several tools, or "auto": the model may answer in text, as here
+    for choice in ("required", "auto"):
+        r = client.chat.completions.create(model="sim-echo", messages=msgs, tools=TOOLS, tool_choice=choice)  # type: ignore[arg-type]
+        assert r.choices[0].message.tool_calls is None and r.choices[0].message.content == args
+    tool = {"type": "function", "name": "Product", "parameters": {"type": "object"}}
+    resp = client.responses.create(model="sim-echo", input=args, tools=[tool],  # type: ignore[list-item]
+                                   tool_choice={"type": "function", "name": "Product"})
+    calls = [o for o in resp.output if o.type == "function_call"]
+    assert [(c.name, c.arguments) for c in calls] == [("Product", args)]  # type: ignore[union-attr]
+
+
 def test_chat_parallel_tool_calls(client: openai.OpenAI) -> None:
     calls = [{"name": "lookup", "arguments": '{"q": "a"}'}, {"name": "fetch", "arguments": '{"id": 7}'}]
     headers = {"x-sim-tool-calls": b64(json.dumps(calls)), "x-sim-chunk-chars": "4"}
